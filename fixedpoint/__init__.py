@@ -1,0 +1,32 @@
+"""fixedpoint: parallel solvers for triangular (causal) nonlinear systems ``x = F(x)``.
+
+>>> import fixedpoint as fp
+>>> result = fp.solve(F, x0, fp.GSJacobi(modules=4))   # doctest: +SKIP
+"""
+
+from .causality import check_causal
+from .maps import IncrementalMap, PlainMap, as_incremental
+from .methods import Anderson, GSJacobi, Jacobi, Method, Sequential, TriangularAnderson
+from .result import NonCausalError, Result, SolveError, Status, TraceRow
+from .solve import solve
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Anderson",
+    "GSJacobi",
+    "IncrementalMap",
+    "Jacobi",
+    "Method",
+    "NonCausalError",
+    "PlainMap",
+    "Result",
+    "Sequential",
+    "SolveError",
+    "Status",
+    "TraceRow",
+    "TriangularAnderson",
+    "as_incremental",
+    "check_causal",
+    "solve",
+]
