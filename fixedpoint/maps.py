@@ -13,8 +13,8 @@ in total instead of one pass per step.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable
-
+from collections.abc import Callable
+from typing import Any
 
 from torch import Tensor
 

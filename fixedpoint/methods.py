@@ -12,7 +12,6 @@ argument still ends every triangular method after at most ``T`` iterations.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
 
 
 def _check_tolerances(tol: float, rtol: float) -> None:
@@ -55,7 +54,7 @@ class Jacobi:
         _check_max_iter(self.max_iter)
 
 
-Modules = Union[int, tuple[int, ...]]
+Modules = int | tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -167,4 +166,4 @@ class TriangularAnderson:
             raise ValueError(f"ridge must be >= 0, got {self.ridge!r}")
 
 
-Method = Union[Sequential, Jacobi, GSJacobi, Anderson, TriangularAnderson]
+Method = Sequential | Jacobi | GSJacobi | Anderson | TriangularAnderson
