@@ -68,15 +68,23 @@ def _versions() -> dict[str, str]:
         fixedpoint_version = "unknown"
     return {
         "fixedpoint": fixedpoint_version,
-        "torch": torch.__version__,
-        "numpy": np.__version__,
+        # str(): torch.__version__ is a TorchVersion, which weights-only loading refuses.
+        "torch": str(torch.__version__),
+        "numpy": str(np.__version__),
         "python": platform.python_version(),
     }
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it is to set it and restore it
+    os.umask(mask)
+    return mask
+
+
 def capture_rng_state() -> dict[str, Any]:
     """Global RNG states as weights-only-loadable data (numpy's array becomes a tensor)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    # The legacy global state is deliberate: it is what np.random.seed sets.
+    kind, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002
     return {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
@@ -101,7 +109,8 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     if "numpy" in state:
         s = state["numpy"]
         keys = s["keys"].numpy().astype(np.uint32)
-        np.random.set_state((s["kind"], keys, s["pos"], s["has_gauss"], s["cached_gaussian"]))
+        state_tuple = (s["kind"], keys, s["pos"], s["has_gauss"], s["cached_gaussian"])
+        np.random.set_state(state_tuple)  # noqa: NPY002
 
 
 @dataclass
@@ -182,6 +191,8 @@ def save_checkpoint(
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp creates the file 0600; give the checkpoint the usual umask permissions.
+        os.chmod(tmp_name, 0o666 & ~_umask())
         os.replace(tmp_name, path)
     except BaseException:
         # Also on KeyboardInterrupt: never leave the temporary file behind.
@@ -194,8 +205,12 @@ def save_checkpoint(
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    # torch's weights-only refusal is a long advisory; the informative line is this one.
+    for line in lines:
+        if line.startswith("WeightsUnpickler error:"):
+            return line
+    return lines[0] if lines else type(exc).__name__
 
 
 def _names(keys: list[str], limit: int = 6) -> str:

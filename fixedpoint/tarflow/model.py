@@ -1,0 +1,610 @@
+"""TarFlow: a transformer autoregressive normalizing flow (Zhai et al. 2024).
+
+One readable file.  An image of shape ``(B, C, H, W)`` is cut into ``p x p`` patches,
+giving ``T = (H/p)(W/p)`` tokens of dimension ``d = C p^2``.  The flow is ``K`` blocks.
+Block ``k`` works in its own token order (identity for even ``k``, reversed for odd
+``k``) and, in that order, computes for every position ``t`` a log-scale ``a_t`` and a
+shift ``mu_t`` from the tokens *before* ``t`` with a causal transformer:
+
+    z_t = (x_t - mu_t(x_<t)) * exp(-a_t(x_<t)),      a_0 = mu_0 = 0.
+
+Inverting a block is the strictly triangular system ``x_t = z_t exp(a_t) + mu_t``;
+:mod:`fixedpoint.tarflow.sampling` solves it with the generic solvers.
+
+Parameter and buffer names (and shapes) follow the published TarFlow state-dict layout,
+so a published checkpoint loads with ``load_state_dict`` directly (or, with shape
+inference and validation, through :meth:`TarFlow.from_published_state_dict`):
+
+    blocks.{k}.proj_in.{weight,bias}
+    blocks.{k}.pos_embed                       (T, width)
+    blocks.{k}.class_embed                     (num_classes, 1, width), conditional only
+    blocks.{k}.attn_blocks.{l}.attention.{norm,qkv,proj}.{weight,bias}
+    blocks.{k}.attn_blocks.{l}.mlp.{norm,main.0,main.2}.{weight,bias}
+    blocks.{k}.proj_out.{weight,bias}          (2d, width): rows [:d] -> a, [d:] -> mu
+    blocks.{k}.attn_mask                       (T, T) lower-triangular ones (a constant)
+    var                                        (T, d) prior variance
+
+Two facts of that layout matter for loading published weights exactly: the position
+embedding is indexed by the token's *original* position (it is permuted together with
+the tokens), and the class embedding carries a singleton middle axis.  There is no final
+LayerNorm before ``proj_out``.
+
+Incremental evaluation (for sequential and block solvers) goes through an explicit
+:class:`KVCache` object owned by the caller; no module stores caches or mode flags.
+
+Mixed precision: under ``torch.autocast`` the linear layers run in the low precision,
+while LayerNorm, the attention softmax (inside ``scaled_dot_product_attention``) and
+``exp`` are computed in float32.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .sampling import Sample
+    from .strategy import Strategy
+
+__all__ = [
+    "Attention",
+    "AttentionBlock",
+    "BlockTrace",
+    "KVCache",
+    "MLP",
+    "MetaBlock",
+    "TarFlow",
+    "TarFlowConfig",
+]
+
+
+# --------------------------------------------------------------------------------------
+# configuration
+
+
+@dataclass(frozen=True)
+class TarFlowConfig:
+    """Shape of a TarFlow model.  ``num_classes=0`` means unconditional."""
+
+    image_size: int = 8
+    channels: int = 1
+    patch_size: int = 2
+    width: int = 64
+    blocks: int = 4
+    layers: int = 2
+    head_dim: int = 64
+    num_classes: int = 10
+    noise_std: float = 0.1
+
+    def __post_init__(self) -> None:
+        for name in ("image_size", "channels", "patch_size", "width", "blocks", "layers",
+                     "head_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"TarFlowConfig.{name} must be a positive int, got {value!r}")
+        nc = self.num_classes
+        if not isinstance(nc, int) or isinstance(nc, bool) or nc < 0:
+            raise ValueError(f"TarFlowConfig.num_classes must be an int >= 0, got {nc!r}")
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size={self.image_size} is not divisible by patch_size={self.patch_size}"
+            )
+        if self.head_dim > self.width:
+            raise ValueError(
+                f"head_dim={self.head_dim} exceeds width={self.width}: there must be at "
+                "least one attention head"
+            )
+        if self.width % self.head_dim:
+            raise ValueError(
+                f"width={self.width} is not divisible by head_dim={self.head_dim}"
+            )
+        sigma = self.noise_std
+        if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or not (
+            0 <= sigma < math.inf
+        ):
+            raise ValueError(f"TarFlowConfig.noise_std must be a finite number >= 0, got {sigma!r}")
+
+    @property
+    def heads(self) -> int:
+        return self.width // self.head_dim
+
+    @property
+    def seq_len(self) -> int:
+        """Number of tokens ``T``."""
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def token_dim(self) -> int:
+        """Dimension of one token, ``C p^2``."""
+        return self.channels * self.patch_size**2
+
+    @property
+    def data_dim(self) -> int:
+        """Dimension of one image, ``C H W`` (= ``seq_len * token_dim``)."""
+        return self.channels * self.image_size**2
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TarFlowConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown TarFlowConfig field(s): {', '.join(unknown)}")
+        return cls(**dict(data))
+
+
+# --------------------------------------------------------------------------------------
+# incremental evaluation state
+
+
+@dataclass
+class KVCache:
+    """Keys and values of one flow block for incremental (window by window) evaluation.
+
+    ``keys`` / ``values`` have shape ``(layers, batch, heads, T, head_dim)`` and are
+    allocated once; writing a window costs O(window).  Entries ``[..., :length, :]`` are
+    committed (final).  Entries past ``length`` may hold keys of a *provisional* window:
+    they are overwritten by the next write and never read by a query that precedes them.
+    """
+
+    keys: Tensor
+    values: Tensor
+    length: int = 0
+
+    @classmethod
+    def allocate(
+        cls, config: TarFlowConfig, batch: int, *, device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> KVCache:
+        shape = (config.layers, batch, config.heads, config.seq_len, config.head_dim)
+        keys = torch.empty(shape, device=device, dtype=dtype)
+        return cls(keys=keys, values=torch.empty_like(keys), length=0)
+
+    @property
+    def batch(self) -> int:
+        return self.keys.shape[1]
+
+
+def wide(t: Tensor) -> Tensor:
+    """``t`` in at least float32 (float64 stays float64): for exp, norms and sums."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _layer_norm(norm: nn.LayerNorm, h: Tensor) -> Tensor:
+    # Always in (at least) float32: bfloat16 statistics over the width are too coarse.
+    out = F.layer_norm(wide(h), norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+    return out.to(h.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# transformer pieces (names follow the published layout)
+
+
+class Attention(nn.Module):
+    """Pre-LayerNorm causal multi-head self-attention."""
+
+    def __init__(self, width: int, head_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.heads = width // head_dim
+        self.head_dim = head_dim
+
+    def forward(
+        self,
+        h: Tensor,
+        *,
+        q_scale: Tensor | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        start: int = 0,
+    ) -> Tensor:
+        """Attention output for the residual stream ``h`` of shape ``(B, L, width)``.
+
+        Without ``cache``: ``h`` holds positions ``0..L-1`` and attention is causal.
+        With ``cache``: ``h`` holds positions ``start..start+L-1``; their keys and values
+        are written into ``cache`` (layer ``layer``) and the queries attend to cached
+        positions ``0..start-1`` plus the causal part of the window.
+
+        ``q_scale`` (broadcastable to ``(B, 1, 1, 1)``) multiplies the queries: a
+        per-sample inverse attention temperature (used for the unconditional half of a
+        classifier-free-guidance batch).
+        """
+        B, L, W = h.shape
+        qkv = self.qkv(_layer_norm(self.norm, h))
+        # (B, L, 3, heads, hd) -> 3 x (B, heads, L, hd); q heads first, then k, then v.
+        q, k, v = qkv.view(B, L, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        mask = None
+        causal = False
+        if cache is None:
+            causal = L > 1
+        else:
+            end = start + L
+            cache.keys[layer, :, :, start:end].copy_(k)
+            cache.values[layer, :, :, start:end].copy_(v)
+            k = cache.keys[layer, :, :, :end]
+            v = cache.values[layer, :, :, :end]
+            if q.dtype != k.dtype:  # autocast output vs. cache dtype
+                q = q.to(k.dtype)
+            if L > 1:
+                if start == 0:
+                    causal = True
+                else:
+                    # Query i (position start+i) sees keys 0..start+i.  SDPA's is_causal
+                    # aligns top-left, which is wrong for a window past the cache.
+                    mask = torch.ones(L, end, dtype=torch.bool, device=h.device).tril(start)
+        if q_scale is not None:
+            q = q * q_scale.to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        return self.proj(out.transpose(1, 2).reshape(B, L, W))
+
+
+class MLP(nn.Module):
+    """Pre-LayerNorm two-layer GELU MLP with 4x expansion."""
+
+    def __init__(self, width: int, expansion: int = 4):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.main = nn.Sequential(
+            nn.Linear(width, expansion * width), nn.GELU(), nn.Linear(expansion * width, width)
+        )
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.main(_layer_norm(self.norm, h))
+
+
+class AttentionBlock(nn.Module):
+    """One transformer layer: ``h + attn(h)`` then ``h + mlp(h)``."""
+
+    def __init__(self, width: int, head_dim: int):
+        super().__init__()
+        self.attention = Attention(width, head_dim)
+        self.mlp = MLP(width)
+
+    def forward(self, h: Tensor, **attention_kwargs: Any) -> Tensor:
+        h = h + self.attention(h, **attention_kwargs)
+        return h + self.mlp(h)
+
+
+class BlockTrace(NamedTuple):
+    """What one flow block computed in the forward direction, in its permuted order."""
+
+    x: Tensor  # (B, T, d) input tokens, permuted
+    a: Tensor  # (B, T, d) log-scales (a[:, 0] = 0)
+    mu: Tensor  # (B, T, d) shifts (mu[:, 0] = 0)
+    z: Tensor  # (B, T, d) output tokens, permuted
+
+
+class MetaBlock(nn.Module):
+    """One flow block: a causal transformer predicting ``(a_t, mu_t)`` from ``x_<t``."""
+
+    attn_mask: Tensor
+
+    def __init__(self, config: TarFlowConfig, flip: bool):
+        super().__init__()
+        T, d, W = config.seq_len, config.token_dim, config.width
+        self.flip = flip
+        self.token_dim = d
+        self.proj_in = nn.Linear(d, W)
+        self.pos_embed = nn.Parameter(torch.randn(T, W) * 0.01)
+        if config.num_classes:
+            self.class_embed = nn.Parameter(torch.randn(config.num_classes, 1, W) * 0.01)
+        else:
+            self.register_parameter("class_embed", None)
+        self.attn_blocks = nn.ModuleList(
+            AttentionBlock(W, config.head_dim) for _ in range(config.layers)
+        )
+        self.proj_out = nn.Linear(W, 2 * d)
+        # Zero output projection: a fresh block is the identity map (a = mu = 0).
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+        # Present only for state-dict compatibility with published checkpoints; the
+        # network uses SDPA's causal mode instead of reading it.
+        self.register_buffer("attn_mask", torch.ones(T, T).tril())
+
+    def permute(self, x: Tensor, dim: int = 1) -> Tensor:
+        """Into this block's order (the reversal is its own inverse)."""
+        return x.flip(dim) if self.flip else x
+
+    def class_vector(self, y: Tensor | None, batch: int) -> Tensor | None:
+        """Per-sample class embedding ``(B or 1, 1, width)``; ``None`` if unconditional.
+
+        A missing label (``y is None``) or a dropped one (``y == -1``) gets the mean of
+        the class embeddings, as in training with label dropout.
+        """
+        if self.class_embed is None:
+            if y is not None:
+                raise ValueError("this TarFlow is unconditional (num_classes=0): pass y=None")
+            return None
+        mean = self.class_embed.mean(0, keepdim=True)  # (1, 1, W)
+        if y is None:
+            return mean
+        y = _check_labels(y, self.class_embed.shape[0], batch)
+        dropped = (y < 0).view(-1, 1, 1)
+        return torch.where(dropped, mean, self.class_embed[y.clamp(min=0)])
+
+    def embedding(self, cls: Tensor | None) -> Tensor:
+        """Position (+ class) embedding in this block's order: ``(B or 1, T, width)``."""
+        emb = self.permute(self.pos_embed, dim=0)[None]
+        return emb if cls is None else emb + cls
+
+    def network(
+        self,
+        x: Tensor,
+        emb: Tensor,
+        *,
+        q_scale: Tensor | None = None,
+        cache: KVCache | None = None,
+        start: int = 0,
+    ) -> Tensor:
+        """Raw ``proj_out`` outputs ``(B, L, 2d)`` for permuted input tokens ``x``.
+
+        Output row ``i`` (input position ``start + i``) holds ``(a, mu)`` for position
+        ``start + i + 1``: callers apply the shift.  ``emb`` is the embedding slice for
+        these positions.
+        """
+        h = self.proj_in(x) + emb
+        for layer, block in enumerate(self.attn_blocks):
+            h = block(h, q_scale=q_scale, cache=cache, layer=layer, start=start)
+        return self.proj_out(h)
+
+    def shifted_params(self, x: Tensor, cls: Tensor | None) -> tuple[Tensor, Tensor]:
+        """``(a, mu)`` for every position of permuted tokens ``x``, shift applied."""
+        out = self.network(x, self.embedding(cls))
+        out = torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], dim=1)
+        a, mu = out.split(self.token_dim, dim=-1)
+        return a, mu
+
+    def trace(self, x: Tensor, cls: Tensor | None) -> BlockTrace:
+        """Forward pass on original-order tokens, everything in the permuted order."""
+        xp = self.permute(x)
+        a, mu = self.shifted_params(xp, cls)
+        z = (xp - mu) * torch.exp(-wide(a))
+        return BlockTrace(xp, a, mu, z.to(x.dtype))
+
+    def forward(self, x: Tensor, cls: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(z, logdet)``: ``z`` in the original token order, ``logdet`` of shape (B,)."""
+        t = self.trace(x, cls)
+        return self.permute(t.z), -wide(t.a).sum(dim=(1, 2))
+
+
+def _check_labels(y: Tensor, num_classes: int, batch: int) -> Tensor:
+    if not isinstance(y, Tensor) or y.dtype not in (torch.int64, torch.int32, torch.int16,
+                                                     torch.int8, torch.uint8):
+        raise TypeError(f"labels must be an integer tensor, got {type(y).__name__}"
+                        f"{'' if not isinstance(y, Tensor) else ' of ' + str(y.dtype)}")
+    if y.shape != (batch,):
+        raise ValueError(f"labels must have shape ({batch},), got {tuple(y.shape)}")
+    bad = (y < -1) | (y >= num_classes)
+    if bool(bad.any()):
+        raise ValueError(
+            f"labels must be in [0, {num_classes}) or -1 (dropped); got {y[bad][0].item()}"
+        )
+    return y.long()
+
+
+# --------------------------------------------------------------------------------------
+# the flow
+
+
+_PUBLISHED_KEY = re.compile(
+    r"^blocks\.(\d+)\.(proj_in\.(weight|bias)|pos_embed|class_embed|attn_mask|"
+    r"proj_out\.(weight|bias)|attn_blocks\.(\d+)\.(attention\.(norm|qkv|proj)|"
+    r"mlp\.(norm|main\.0|main\.2))\.(weight|bias))$|^var$"
+)
+
+
+class TarFlow(nn.Module):
+    """The TarFlow model.  ``model(x, y)`` maps images to ``(z_tokens, logdet)``."""
+
+    var: Tensor
+
+    def __init__(self, config: TarFlowConfig | None = None):
+        super().__init__()
+        self.config = config if config is not None else TarFlowConfig()
+        c = self.config
+        self.blocks = nn.ModuleList(MetaBlock(c, flip=bool(k % 2)) for k in range(c.blocks))
+        # Prior variance per token entry: sampling draws z * sqrt(var).
+        self.register_buffer("var", torch.ones(c.seq_len, c.token_dim))
+
+    # ---- tokens <-> images -----------------------------------------------------------
+
+    def patchify(self, img: Tensor) -> Tensor:
+        """``(B, C, H, W)`` -> ``(B, T, C p^2)``; row-major patches, features (c, i, j)."""
+        c = self.config
+        if img.ndim != 4 or img.shape[1:] != (c.channels, c.image_size, c.image_size):
+            raise ValueError(
+                f"expected images of shape (B, {c.channels}, {c.image_size}, {c.image_size}), "
+                f"got {tuple(img.shape)}"
+            )
+        B, n, p = img.shape[0], c.image_size // c.patch_size, c.patch_size
+        x = img.reshape(B, c.channels, n, p, n, p).permute(0, 2, 4, 1, 3, 5)
+        return x.reshape(B, n * n, c.token_dim)
+
+    def unpatchify(self, tokens: Tensor) -> Tensor:
+        """Inverse of :meth:`patchify`."""
+        c = self.config
+        if tokens.ndim != 3 or tokens.shape[1:] != (c.seq_len, c.token_dim):
+            raise ValueError(
+                f"expected tokens of shape (B, {c.seq_len}, {c.token_dim}), "
+                f"got {tuple(tokens.shape)}"
+            )
+        B, n, p = tokens.shape[0], c.image_size // c.patch_size, c.patch_size
+        x = tokens.reshape(B, n, n, c.channels, p, p).permute(0, 3, 1, 4, 2, 5)
+        return x.reshape(B, c.channels, c.image_size, c.image_size)
+
+    # ---- density ---------------------------------------------------------------------
+
+    def forward(self, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Images ``(B, C, H, W)`` -> ``(z, logdet)``.
+
+        ``z`` has shape ``(B, T, d)`` in the original token order; ``logdet`` ``(B,)`` is
+        ``log |det dz/dx|`` summed over all dimensions and blocks.
+        """
+        h = self.patchify(x)
+        logdet = wide(h.new_zeros(h.shape[0]))
+        for block in self.blocks:
+            h, ld = block(h, block.class_vector(y, h.shape[0]))
+            logdet = logdet + ld
+        return h, logdet
+
+    def block_traces(self, x: Tensor, y: Tensor | None = None) -> list[BlockTrace]:
+        """Per-block inputs, ``(a, mu)`` and outputs of a forward pass, in forward order."""
+        h = self.patchify(x)
+        traces = []
+        for block in self.blocks:
+            t = block.trace(h, block.class_vector(y, h.shape[0]))
+            traces.append(t)
+            h = block.permute(t.z)
+        return traces
+
+    def log_prob(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """Per-sample log-density in nats, shape (B,).
+
+        ``log p(x) = log N(z; 0, diag(var)) + logdet``: the continuous density of the
+        *noisy* data (data scaled to [-1, 1] plus Gaussian noise of std ``noise_std``).
+        """
+        z, logdet = self(x, y)
+        var = wide(self.var)
+        z = wide(z)
+        log_normal = -0.5 * (z.pow(2) / var).sum((1, 2)) - 0.5 * torch.log(
+            2 * math.pi * var
+        ).sum()
+        return log_normal + logdet
+
+    def nll_bits_per_dim(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """Mean over the batch of ``-log p(x) / (D ln 2)`` with ``D = C H W``.
+
+        Equals ``[0.5 sum(z^2/var) + 0.5 sum(log(2 pi var)) - logdet] / (D ln 2)``, the
+        continuous density of the noisy data in bits per dimension (not a discrete
+        likelihood of 8-bit images: no dequantisation correction is applied).
+        """
+        return -self.log_prob(x, y).mean() / (self.config.data_dim * math.log(2))
+
+    # ---- sampling --------------------------------------------------------------------
+
+    def sample_noise(
+        self, batch: int, *, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Standard normal tokens ``(batch, T, d)`` (``reverse`` scales by ``sqrt(var)``)."""
+        c = self.config
+        return torch.randn(
+            batch, c.seq_len, c.token_dim, generator=generator,
+            device=self.var.device, dtype=self.var.dtype,
+        )
+
+    def reverse(
+        self,
+        z: Tensor,
+        y: Tensor | None = None,
+        *,
+        strategy: Strategy | None = None,
+        guidance: float = 0.0,
+        anneal_guidance: bool = False,
+        uncond_temperature: float = 1.0,
+        denoise: bool = False,
+        reference: Any = None,
+        trace: bool = False,
+    ) -> Sample:
+        """Sample images from standard normal noise; see :func:`sampling.reverse`."""
+        from .sampling import reverse
+
+        return reverse(
+            self, z, y, strategy=strategy, guidance=guidance,
+            anneal_guidance=anneal_guidance, uncond_temperature=uncond_temperature,
+            denoise=denoise, reference=reference, trace=trace,
+        )
+
+    # ---- published checkpoints -------------------------------------------------------
+
+    @classmethod
+    def from_published_state_dict(
+        cls,
+        state_dict: Mapping[str, Tensor],
+        *,
+        channels: int = 3,
+        head_dim: int = 64,
+        noise_std: float = 0.1,
+        config: TarFlowConfig | None = None,
+    ) -> TarFlow:
+        """Build a model from a state dict in the published TarFlow layout.
+
+        Shapes give ``blocks``, ``layers``, ``width``, ``num_classes``, ``seq_len`` and
+        ``token_dim``; the split of ``token_dim = channels * patch^2`` needs ``channels``,
+        and the head count and noise level are not stored, so ``head_dim`` and
+        ``noise_std`` are arguments.  Alternatively pass the full ``config``; it is then
+        checked against the shapes.  Raises ``ValueError`` naming missing, unexpected or
+        mis-shaped entries, or an ``attn_mask`` that is not the causal mask.
+        """
+        sd = dict(state_dict)
+        unexpected = sorted(k for k in sd if not _PUBLISHED_KEY.match(k))
+        if unexpected:
+            raise ValueError(f"unexpected key(s) in the state dict: {_show(unexpected)}")
+        if config is None:
+            config = _infer_config(sd, channels=channels, head_dim=head_dim, noise_std=noise_std)
+        model = cls(config)
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(sd))
+        extra = sorted(set(sd) - set(expected))
+        if missing:
+            raise ValueError(f"missing key(s) in the state dict: {_show(missing)}")
+        if extra:
+            raise ValueError(f"unexpected key(s) for {config}: {_show(extra)}")
+        wrong = [
+            f"{k}: expected {tuple(v.shape)}, got {tuple(sd[k].shape)}"
+            for k, v in expected.items()
+            if tuple(sd[k].shape) != tuple(v.shape)
+        ]
+        if wrong:
+            raise ValueError("shape mismatch: " + "; ".join(wrong[:5]))
+        for k in range(config.blocks):
+            mask = sd[f"blocks.{k}.attn_mask"]
+            if not torch.equal(mask.float().cpu(), expected[f"blocks.{k}.attn_mask"]):
+                raise ValueError(f"blocks.{k}.attn_mask is not the lower-triangular causal mask")
+        model.load_state_dict(sd)
+        return model
+
+
+def _show(keys: list[str]) -> str:
+    return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
+
+
+def _infer_config(
+    sd: Mapping[str, Tensor], *, channels: int, head_dim: int, noise_std: float
+) -> TarFlowConfig:
+    block_ids = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
+    if not block_ids:
+        raise ValueError("no 'blocks.{k}.' entries: not a TarFlow state dict")
+    layer_ids = {
+        int(m.group(1)) for k in sd if (m := re.match(r"blocks\.0\.attn_blocks\.(\d+)\.", k))
+    }
+    for name in ("blocks.0.proj_in.weight", "blocks.0.pos_embed"):
+        if name not in sd:
+            raise ValueError(f"missing key in the state dict: {name}")
+    width, token_dim = sd["blocks.0.proj_in.weight"].shape
+    seq_len = sd["blocks.0.pos_embed"].shape[0]
+    ce = sd.get("blocks.0.class_embed")
+    num_classes = 0 if ce is None else ce.shape[0]
+    patch = math.isqrt(token_dim // channels) if token_dim % channels == 0 else 0
+    side = math.isqrt(seq_len)
+    if patch < 1 or channels * patch * patch != token_dim:
+        raise ValueError(
+            f"token dimension {token_dim} is not channels * patch^2 with channels={channels}"
+        )
+    if side * side != seq_len:
+        raise ValueError(f"sequence length {seq_len} is not a square number of patches")
+    return TarFlowConfig(
+        image_size=side * patch, channels=channels, patch_size=patch, width=width,
+        blocks=max(block_ids) + 1, layers=max(layer_ids, default=-1) + 1,
+        head_dim=head_dim, num_classes=num_classes, noise_std=noise_std,
+    )

@@ -1,0 +1,241 @@
+"""Strategies: the paper's [Stack-GS-J-Else] notation, selection from CRM / IGM metrics."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fixedpoint as fp
+from fixedpoint.tarflow import (
+    BlockMetrics,
+    BlockPlan,
+    InitialGuess,
+    Strategy,
+    TarFlow,
+    TarFlowConfig,
+    crm_igm_table,
+    format_table,
+    select_strategy,
+)
+from fixedpoint.tarflow.metrics import igm_paper, igm_sample
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---- parsing -------------------------------------------------------------------------
+
+
+def test_parse_img128cond_strategy():
+    s = Strategy.parse("[6-8-32-10]", blocks=8, seq_len=1024)
+    assert s.plans[6].method == fp.GSJacobi(modules=8, max_iter=32)
+    assert all(s.plans[k].method == fp.Jacobi(max_iter=10) for k in range(8) if k != 6)
+    assert all(p.init is InitialGuess.NOISE for p in s.plans)
+    assert s.to_spec() == "[6-8-32-10]" and str(s) == "[6-8-32-10]"
+
+
+def test_parse_afhq_and_img64uncond_strategies():
+    s = Strategy.parse("[7-8-32-10]", blocks=8, seq_len=1024)
+    assert s.plans[7].method == fp.GSJacobi(modules=8, max_iter=32)
+    assert s.plans[6].method == fp.Jacobi(max_iter=10)
+    # One GS / J value for two stacked blocks: it applies to both.
+    s = Strategy.parse("[0/6-8-32-20]", blocks=8, seq_len=1024)
+    assert s.plans[0].method == fp.GSJacobi(modules=8, max_iter=32)
+    assert s.plans[6].method == fp.GSJacobi(modules=8, max_iter=32)
+    assert s.plans[3].method == fp.Jacobi(max_iter=20)
+    assert s.to_spec() == "[0/6-8-32-20]"
+    assert Strategy.parse("[0/6-8/8-32/32-20]", 8, 1024) == s
+    mixed = Strategy.parse("[0/6-4/8-32-20]", 8, 1024)
+    assert mixed.to_spec() == "[0/6-4/8-32-20]"
+
+
+def test_parse_img64cond_strategy():
+    s = Strategy.parse("[0/7-256/8-1/13-6]", blocks=8, seq_len=256)
+    assert s.plans[0].method == fp.GSJacobi(modules=256, max_iter=1)
+    assert s.plans[7].method == fp.GSJacobi(modules=8, max_iter=13)
+    assert all(s.plans[k].method == fp.Jacobi(max_iter=6) for k in range(1, 7))
+    assert s.to_spec() == "[0/7-256/8-1/13-6]"
+    assert "block 7: GSJacobi(modules=8, max_iter=13), init z" in s.describe()
+
+
+def test_parse_passes_tolerance_and_initial_guesses():
+    inits = [InitialGuess.ZEROS_AFTER_FIRST] + [InitialGuess.NOISE] * 3
+    s = Strategy.parse(" [ 1 - 4 - 5 - 7 ] ", 4, 16, tol=1e-4, init=inits)
+    assert s.plans[1].method == fp.GSJacobi(modules=4, max_iter=5, tol=1e-4)
+    assert s.plans[0] == BlockPlan(fp.Jacobi(tol=1e-4, max_iter=7), InitialGuess.ZEROS_AFTER_FIRST)
+    assert str(s) == "[1-4-5-7] (init zeros: blocks 0)"
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("6-8-32-10", "square brackets"),
+        ("(6-8-32-10)", "square brackets"),
+        ("[6-8-32]", "4 '-'-separated fields"),
+        ("[6-8-32-10-1]", "4 '-'-separated fields"),
+        ("[0/7/3-256/8-1/13-6]", "GS lists 2 entries for 3 stacked"),
+        ("[0/7-8/8-1/2/3-6]", "J lists 3 entries for 2 stacked"),
+        ("[6-8/4-32-10]", "GS lists 2 entries for 1 stacked"),
+        ("[8-8-32-10]", "block index 8 out of range"),
+        ("[6-0-32-10]", "GS values must be positive"),
+        ("[6-8-0-10]", "J values must be positive"),
+        ("[6-8-32-0]", "Else values must be positive"),
+        ("[6-2048-32-10]", "2048 modules exceed the sequence length T=1024"),
+        ("[6/6-8/8-32/32-10]", "listed twice"),
+        ("[6-8-32-10/2]", "Else must be a single number"),
+        ("[a-8-32-10]", "non-negative integers"),
+        ("[6--32-10]", "field GS must be '/'-separated non-negative integers"),
+        ("[6-8.5-32-10]", "non-negative integers"),
+        ("[]", "4 '-'-separated fields"),
+    ],
+)
+def test_parse_rejects_malformed_specs(spec, message):
+    with pytest.raises(ValueError, match=message):
+        Strategy.parse(spec, blocks=8, seq_len=1024)
+
+
+def test_parse_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="blocks"):
+        Strategy.parse("[0-1-1-1]", blocks=0, seq_len=4)
+    with pytest.raises(ValueError, match="init lists 2"):
+        Strategy.parse("[0-1-1-1]", blocks=3, seq_len=4, init=[InitialGuess.NOISE] * 2)
+
+
+def test_uniform_and_unrepresentable_strategies():
+    s = Strategy.uniform(fp.Sequential(), 3)
+    assert s.blocks == 3 and s.to_spec() is None
+    assert str(s).startswith("0: Sequential, init z")
+    with pytest.raises(ValueError, match="non-empty"):
+        Strategy(())
+    with pytest.raises(TypeError, match="fixedpoint method"):
+        BlockPlan("jacobi")  # type: ignore[arg-type]
+
+
+# ---- selection -----------------------------------------------------------------------
+
+
+def row(k, pct, noise=1.0, zeros=2.0, s_noise=None, s_zeros=None) -> BlockMetrics:
+    return BlockMetrics(k, pct, pct, noise, zeros,
+                        noise if s_noise is None else s_noise,
+                        zeros if s_zeros is None else s_zeros)
+
+
+def test_select_strategy_splits_dominant_blocks_and_picks_starts():
+    # Img64uncond's published CRM shares: blocks 0 and 6 dominate.
+    shares = [50.71, 2.42, 2.29, 3.38, 1.77, 1.33, 33.62, 4.44]
+    table = [row(k, p) for k, p in enumerate(shares)]
+    table[3] = row(3, shares[3], noise=5.0, zeros=0.5)
+    table[5] = row(5, shares[5], noise=math.inf, zeros=3.0)  # overflow from the noise start
+    s = select_strategy(table, seq_len=1024, modules=8, gs_max_iter=32, jacobi_max_iter=20)
+    assert s.to_spec() == "[0/6-8-32-20]"
+    assert [p.init for p in s.plans] == [InitialGuess.NOISE] * 3 + [
+        InitialGuess.ZEROS_AFTER_FIRST, InitialGuess.NOISE, InitialGuess.ZEROS_AFTER_FIRST,
+        InitialGuess.NOISE, InitialGuess.NOISE,
+    ]
+    # The per-sample IGM can disagree with the paper form.
+    table[2] = row(2, shares[2], noise=0.1, zeros=0.2, s_noise=3.0, s_zeros=1.0)
+    paper = select_strategy(table, seq_len=1024, igm="paper")
+    sample = select_strategy(table, seq_len=1024, igm="sample")
+    assert paper.plans[2].init is InitialGuess.NOISE
+    assert sample.plans[2].init is InitialGuess.ZEROS_AFTER_FIRST
+
+
+def test_select_strategy_threshold_and_errors():
+    table = [row(0, 20.0), row(1, 80.0)]
+    assert select_strategy(table, seq_len=16, modules=4).to_spec() == "[1-4-32-10]"
+    # threshold 1.7 * 50 % = 85 %: nothing dominates.
+    assert select_strategy(table, seq_len=16, threshold=1.7).to_spec() is None
+    with pytest.raises(ValueError, match="modules"):
+        select_strategy(table, seq_len=4, modules=8)
+    with pytest.raises(ValueError, match="empty"):
+        select_strategy([], seq_len=4)
+    with pytest.raises(ValueError, match="igm"):
+        select_strategy(table, seq_len=4, modules=2, igm="mean")
+
+
+# ---- CRM / IGM -----------------------------------------------------------------------
+
+
+def make_model(seed: int = 0) -> TarFlow:
+    torch.manual_seed(seed)
+    cfg = TarFlowConfig(image_size=8, patch_size=2, width=64, blocks=3, layers=1, head_dim=32)
+    model = TarFlow(cfg).eval()
+    with torch.no_grad():
+        for k, block in enumerate(model.blocks):
+            block.proj_out.weight.normal_(0, 0.02 * (1 + 3 * (k == 1)))  # block 1 tougher
+            block.proj_out.bias.normal_(0, 0.02)
+    return model
+
+
+def test_crm_igm_table_shapes_and_percentages():
+    model = make_model()
+    images = torch.randn(6, 1, 8, 8).clamp(-1, 1)
+    labels = torch.tensor([0, 1, 2, 3, 4, -1])
+    table = crm_igm_table(model, images, labels)
+    assert [r.block for r in table] == [0, 1, 2]
+    assert math.isclose(sum(r.crm_percent for r in table), 100.0, rel_tol=1e-9)
+    assert max(table, key=lambda r: r.crm).block == 1
+    for r in table:
+        values = [r.crm, r.igm_paper_noise, r.igm_paper_zeros, r.igm_sample_noise,
+                  r.igm_sample_zeros]
+        assert all(math.isfinite(v) and v >= 0 for v in values)
+        # The batch mean before the norm can only cancel: paper form <= per-sample form.
+        assert r.igm_paper_noise <= r.igm_sample_noise + 1e-6
+        assert r.igm_paper_zeros <= r.igm_sample_zeros + 1e-6
+    text = format_table(table)
+    assert text.count("\n") == 4 and "CRM %" in text
+    with_cfg = crm_igm_table(model, images, labels, guidance=1.0)
+    assert [r.crm for r in with_cfg] == [r.crm for r in table]  # CRM ignores guidance
+
+
+def test_crm_matches_its_definition():
+    model = make_model()
+    images = torch.randn(5, 1, 8, 8)
+    table = crm_igm_table(model, images)
+    with torch.no_grad():
+        traces = model.block_traces(images)
+    d = model.config.token_dim
+    for k, (block, t) in enumerate(zip(model.blocks, traces)):
+        w = block.proj_out.weight.detach()
+        expected = torch.linalg.norm((torch.exp(-t.a) * t.x).mean(0)) * torch.linalg.matrix_norm(
+            w[:d], ord=2
+        ) + torch.linalg.matrix_norm(w[d:], ord=2)
+        assert math.isclose(table[k].crm, float(expected), rel_tol=1e-5)
+
+
+def test_crm_of_fresh_model_is_uniform():
+    table = crm_igm_table(TarFlow(TarFlowConfig(blocks=2, head_dim=32)), torch.randn(2, 1, 8, 8))
+    assert [r.crm for r in table] == [0.0, 0.0]
+    assert [r.crm_percent for r in table] == [50.0, 50.0]
+    # Identity flow: F does not depend on x, so one Jacobi step is exact from any start.
+    assert all(r.igm_sample_noise == 0.0 == r.igm_sample_zeros for r in table)
+
+
+def test_igm_forms_on_constructed_errors():
+    target = torch.zeros(2, 3, 4)
+    # Opposite errors cancel in the batch mean (paper form) but not per sample.
+    e = torch.ones(3, 4)
+    pred = torch.stack([e, -e])
+    assert igm_paper(pred, target) == 0.0
+    assert math.isclose(igm_sample(pred, target), math.sqrt(12), rel_tol=1e-6)
+    # Identical errors: the two forms agree.
+    pred = torch.stack([e, e])
+    assert math.isclose(igm_paper(pred, target), igm_sample(pred, target))
+
+
+def test_igm_is_exact_from_the_true_input():
+    # One Jacobi iterate of the inverse from x_true itself returns x_true (guidance 0).
+    from fixedpoint.tarflow.sampling import BlockInverse
+
+    model = make_model()
+    images = torch.randn(4, 1, 8, 8)
+    for k, t in enumerate(model.block_traces(images)):
+        fmap = BlockInverse(model, k, t.z.detach())
+        torch.testing.assert_close(fmap(t.x.detach()), t.x.detach(), rtol=1e-5, atol=1e-5)
