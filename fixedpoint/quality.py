@@ -113,6 +113,10 @@ class FeatureClassifier(nn.Module):
 
     :meth:`features` returns the post-ReLU activations of the ``feature_dim`` layer (the
     input of the head), which is what the Fréchet classifier distance is computed on.
+    Some of these units never fire on real data (about a third with the default training:
+    21/64 on the digits test set, 29/64 on MNIST's); they add zero rows to the reference
+    covariance, which the Fréchet computation handles, and they still respond to samples
+    that drive the network somewhere real data does not.
     """
 
     def __init__(
@@ -490,14 +494,14 @@ def train_classifier(
 # --------------------------------------------------------------------- Fréchet distance
 
 
-def _as_float64(x: Tensor | np.ndarray, name: str) -> np.ndarray:
+def _as_float64(x: Tensor | np.ndarray) -> np.ndarray:
     arr = x.detach().cpu().double().numpy() if isinstance(x, Tensor) else np.asarray(x)
     return np.asarray(arr, dtype=np.float64)
 
 
 def feature_statistics(feats: Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean ``(F,)`` and unbiased covariance ``(F, F)`` of features ``(N, F)``, float64."""
-    f = _as_float64(feats, "feats")
+    f = _as_float64(feats)
     if f.ndim != 2:
         raise ValueError(f"features must be a 2-d (N, F) array, got shape {f.shape}")
     if f.shape[0] < 2:

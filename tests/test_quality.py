@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -124,6 +125,46 @@ def test_frechet_singular_covariances() -> None:
     mu1, s1 = feature_statistics(fa)
     mu2, s2 = feature_statistics(fb)
     assert d == pytest.approx(frechet_reference(mu1, s1, mu2, s2), abs=1e-3)
+
+
+def test_frechet_sqrtm_fallback_adds_eps(monkeypatch: pytest.MonkeyPatch) -> None:
+    # scipy's sqrtm rarely fails on real covariances, so simulate a failure: the first
+    # call returns NaN, and the distance must be recomputed with eps on both diagonals.
+    calls: list[np.ndarray] = []
+    real_sqrtm = scipy.linalg.sqrtm
+
+    def flaky(a: np.ndarray) -> np.ndarray:
+        calls.append(a.copy())
+        return np.full_like(a, np.nan) if len(calls) == 1 else real_sqrtm(a)
+
+    monkeypatch.setattr(scipy.linalg, "sqrtm", flaky)
+    rng = np.random.default_rng(5)
+    mu1, s1 = feature_statistics(rng.standard_normal((100, 6)))
+    mu2, s2 = feature_statistics(rng.standard_normal((100, 6)) * 2)
+    eps = 1e-3  # large enough to tell the regularised result from the plain one
+    got = frechet_distance_from_statistics(mu1, s1, mu2, s2, eps=eps)
+    assert len(calls) == 2
+    offset = eps * np.eye(6)
+    np.testing.assert_allclose(calls[1], (s1 + offset) @ (s2 + offset))
+    reg = frechet_reference(mu1, s1 + offset, mu2, s2 + offset) - 2 * 6 * eps
+    assert got == pytest.approx(reg, rel=1e-9)
+
+
+@pytest.mark.parametrize("imag", [1e-9, 0.1])
+def test_frechet_imaginary_parts(monkeypatch: pytest.MonkeyPatch, imag: float) -> None:
+    real_sqrtm = scipy.linalg.sqrtm
+    monkeypatch.setattr(
+        scipy.linalg, "sqrtm", lambda a: real_sqrtm(a) + 1j * imag * np.eye(len(a))
+    )
+    rng = np.random.default_rng(6)
+    mu1, s1 = feature_statistics(rng.standard_normal((100, 4)))
+    mu2, s2 = feature_statistics(rng.standard_normal((100, 4)) + 1)
+    if imag < 1e-6:  # rounding noise: dropped
+        got = frechet_distance_from_statistics(mu1, s1, mu2, s2)
+        assert got == pytest.approx(frechet_reference(mu1, s1, mu2, s2), rel=1e-6)
+    else:
+        with pytest.raises(ValueError, match="imaginary"):
+            frechet_distance_from_statistics(mu1, s1, mu2, s2)
 
 
 def test_frechet_input_errors() -> None:

@@ -1,0 +1,138 @@
+"""Benchmark: lean sequential TarFlow sampler vs a naive loop; Jacobi pass vs step.
+
+A random-weight MNIST-sized TarFlow (28x28x1, patch 4 -> T = 49 tokens of 16 dims,
+width 128, 4 blocks x 4 layers; out-projections small random non-zero so the map is not
+the identity), classifier-free guidance on (g = 1.0).  Reports, per batch size:
+
+* wall-clock of the lean sequential sampler (``model.reverse`` with the default
+  sequential strategy: preallocated KV cache, CFG batched into one call per step) and of
+  :func:`sample_sequential_naive` (cache re-concatenated every step, CFG passes run
+  separately), medians over interleaved repeats of the same run, and the speed-up.
+  Targets: >= 1.5x at batch 1, >= 2x at batch 64;
+* the cost of one Jacobi iteration (one full pass, CFG batched) relative to one
+  sequential step, both through ``fp.solve`` on block 0.  Target at batch 1: < 3.
+
+Run:  .venv/bin/python studies/bench_tarflow.py --repeats 5 --batch-sizes 1,64
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+import fixedpoint as fp
+from fixedpoint.tarflow import TarFlow, TarFlowConfig, sample_sequential_naive
+from fixedpoint.tarflow.sampling import BlockInverse
+
+CONFIG = TarFlowConfig(
+    image_size=28, channels=1, patch_size=4, width=128, blocks=4, layers=4, head_dim=64,
+    num_classes=10,
+)
+TARGET_SPEEDUP = {1: 1.5, 64: 2.0}
+TARGET_RATIO = 3.0
+
+
+def build_model(seed: int) -> TarFlow:
+    torch.manual_seed(seed)
+    model = TarFlow(CONFIG).eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.proj_out.weight.normal_(0, 0.02)
+            block.proj_out.bias.normal_(0, 0.02)
+    return model
+
+
+def medians(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds per function; repeats interleaved so load drift hits all alike."""
+    for fn in fns.values():  # warm-up (allocator, kernels)
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats (median)")
+    parser.add_argument("--batch-sizes", default="1,64", help="comma-separated, e.g. 1,64")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--guidance", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+    try:
+        batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    except ValueError:
+        parser.error(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}")
+    if not batch_sizes or min(batch_sizes) < 1:
+        parser.error("--batch-sizes must list positive integers")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+    model = build_model(args.seed)
+    T = CONFIG.seq_len
+    print(
+        f"device: cpu ({platform.processor() or platform.machine()}), dtype: float32, "
+        f"threads: {torch.get_num_threads()}, torch {torch.__version__}"
+    )
+    print(
+        f"model: {CONFIG.image_size}x{CONFIG.image_size}x{CONFIG.channels}, patch "
+        f"{CONFIG.patch_size} (T={T}, d={CONFIG.token_dim}), width {CONFIG.width}, "
+        f"{CONFIG.blocks} blocks x {CONFIG.layers} layers, {CONFIG.heads} heads; "
+        f"CFG g={args.guidance}; {args.repeats} repeats (median)\n"
+    )
+    rows = []
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    for B in batch_sizes:
+        z = torch.randn(B, T, CONFIG.token_dim, generator=gen)
+        y = torch.randint(0, CONFIG.num_classes, (B,), generator=gen)
+        lean_x = model.reverse(z, y, guidance=args.guidance).x
+        naive_x = sample_sequential_naive(model, z, y, args.guidance)
+        diff = float((lean_x - naive_x).abs().max())
+
+        fmap = BlockInverse(model, 0, z, y, guidance=args.guidance)
+        t = medians(
+            {
+                "lean": lambda: model.reverse(z, y, guidance=args.guidance),
+                "naive": lambda: sample_sequential_naive(model, z, y, args.guidance),
+                "block_seq": lambda: fp.solve(fmap, z, fp.Sequential()),
+                "jacobi_1": lambda: fp.solve(fmap, z, fp.Jacobi(max_iter=1)),
+            },
+            args.repeats,
+        )
+        step = t["block_seq"] / T  # Sequential = T dependent steps (T-1 network calls)
+        rows.append((B, t["lean"], t["naive"], t["jacobi_1"], step, diff))
+
+    print("| batch | lean sequential (ms) | naive loop (ms) | speed-up | target | "
+          "1 Jacobi iteration (ms) | 1 sequential step (ms) | ratio | max abs diff |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for B, lean, naive, jac, step, diff in rows:
+        target = TARGET_SPEEDUP.get(B)
+        speed = naive / lean
+        mark = "-" if target is None else f">= {target:g}x {'ok' if speed >= target else 'MISSED'}"
+        ratio = jac / step
+        rmark = f" ({'ok' if ratio < TARGET_RATIO else 'MISSED'} < {TARGET_RATIO:g})" if B == 1 else ""
+        print(
+            f"| {B} | {lean * 1e3:.1f} | {naive * 1e3:.1f} | {speed:.2f}x | {mark} | "
+            f"{jac * 1e3:.2f} | {step * 1e3:.3f} | {ratio:.2f}{rmark} | {diff:.1e} |"
+        )
+    print(
+        "\nspeed-up = naive / lean (same samples: 'max abs diff' between them); ratio = "
+        "one Jacobi iteration / one sequential step, both via fp.solve on block 0 "
+        "(a step = block time / T)."
+    )
+
+
+if __name__ == "__main__":
+    main()

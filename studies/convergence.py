@@ -1,0 +1,108 @@
+"""Figures 2 and 3: pure-Jacobi convergence per block, GS-Jacobi convergence per module.
+
+For every model: the sequential samples are the reference; every block is then solved
+by Jacobi from the noise start with no tolerance (finite termination makes it exact
+after at most T iterations) and traced against the reference.  Plotted per block and
+iteration: the true error max |x_k - x_seq| (not the change between iterates) and the
+residual max |x_k - x_{k-1}|.  Then the block that needs the most iterations is solved
+with GS-Jacobi modules and traced per module.
+
+    python -m studies.convergence --mode fast
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+import fixedpoint as fp  # noqa: E402
+
+from .common import MODES, Mode, save_figure, timed, write_json  # noqa: E402
+from .lib import BUDGET, SEED, noise, per_block, sample, sequential_strategy, trained  # noqa: E402
+
+BATCH = {"fast": 8, "full": 64}
+MODULES = 4
+
+
+def first_below(values: list[float], level: float) -> int | None:
+    """1-based index of the first value <= level (None if never)."""
+    return next((i + 1 for i, v in enumerate(values) if v <= level), None)
+
+
+def block_curves(result: fp.Result) -> dict[str, list[float]]:
+    rows = result.trace or ()
+    return {
+        "error": [float(r.error.max()) for r in rows],
+        "residual": [float(r.residual.max()) for r in rows],
+        "module": [r.module for r in rows],
+    }
+
+
+def run_model(preset: str, mode: Mode) -> dict:
+    t = trained(preset, mode)
+    model, c = t.model, t.model.config
+    z, y = noise(model, BATCH[mode.name])
+    reference = sample(model, z, y, sequential_strategy(c.blocks))
+    jacobi = sample(model, z, y, per_block([fp.Jacobi()] * c.blocks), reference=reference,
+                    trace=True)
+    curves = [block_curves(r) for r in jacobi.blocks]
+    to_budget = [first_below(cv["error"], BUDGET) for cv in curves]
+    tough = max(range(c.blocks), key=lambda k: to_budget[k] or c.seq_len)
+
+    methods = [fp.Jacobi()] * c.blocks
+    methods[tough] = fp.GSJacobi(modules=MODULES)
+    gs = sample(model, z, y, per_block(methods), reference=reference, trace=True)
+    gs_curve = block_curves(gs.blocks[tough])
+
+    out = {
+        "preset": preset, "seq_len": c.seq_len, "blocks": c.blocks, "batch": len(z),
+        "jacobi": curves, "iterations_to_budget": to_budget, "budget": BUDGET,
+        "tough_block": tough, "gs_modules": MODULES, "gs_curve": gs_curve,
+        "gs_module_iterations": list(gs.blocks[tough].module_iterations),
+    }
+    write_json(mode.out_dir / f"convergence-{preset}.json", out, seed=SEED)
+    plot(out, mode)
+    return out
+
+
+def plot(out: dict, mode: Mode) -> None:
+    preset, T = out["preset"], out["seq_len"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for k, cv in enumerate(out["jacobi"]):
+        its = range(1, len(cv["error"]) + 1)
+        axes[0].semilogy(its, [max(e, 1e-12) for e in cv["error"]], label=f"block {k}")
+        axes[1].semilogy(its, [max(r, 1e-12) for r in cv["residual"]], label=f"block {k}")
+    for ax, what in zip(axes[:2], ("error vs sequential", "residual |x_k - x_(k-1)|"),
+                        strict=True):
+        ax.axhline(out["budget"], color="grey", ls=":", lw=1)
+        ax.set(xlabel="Jacobi iteration", ylabel=f"max {what}", yscale="log",
+               title=f"{preset} (T={T}): {what}")
+        ax.legend(fontsize=8)
+    cv = out["gs_curve"]
+    starts = [i for i, m in enumerate(cv["module"]) if i == 0 or cv["module"][i - 1] != m]
+    axes[2].semilogy(range(1, len(cv["error"]) + 1), [max(e, 1e-12) for e in cv["error"]])
+    for s in starts:
+        axes[2].axvline(s + 0.5, color="grey", lw=0.5)
+    axes[2].set(xlabel="iteration (all modules in order)", ylabel="max error vs sequential",
+                title=f"block {out['tough_block']}: GS-Jacobi, {out['gs_modules']} modules")
+    fig.tight_layout()
+    save_figure(fig, mode.out_dir / f"convergence-{preset}.png")
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=MODES, default="fast")
+    args = parser.parse_args(argv)
+    mode = MODES[args.mode]
+    for preset in mode.models:
+        with timed(f"convergence {preset}"):
+            run_model(preset, mode)
+
+
+if __name__ == "__main__":
+    main()

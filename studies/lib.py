@@ -1,0 +1,114 @@
+"""Models, noise, strategies and timing shared by the study scripts."""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+import fixedpoint as fp
+from fixedpoint.tarflow.checkpoint import load_model
+from fixedpoint.tarflow.data import Dataset, load_dataset
+from fixedpoint.tarflow.model import TarFlow
+from fixedpoint.tarflow.sampling import Sample, reverse
+from fixedpoint.tarflow.strategy import BlockPlan, InitialGuess, Strategy
+from fixedpoint.tarflow.train import PRESETS, train
+
+from .common import CACHE, Mode, key
+
+# Sampling settings used by every study (the paper samples with CFG; see paper/).
+GUIDANCE = 1.0
+SEED = 0
+# The error budget of the performance targets: max deviation from the sequential
+# samples, for data scaled to [-1, 1].
+BUDGET = 1e-3
+
+
+@dataclass
+class Trained:
+    """A trained model with its data and training report."""
+
+    preset: str
+    model: TarFlow
+    data: Dataset
+    test_bpd: float
+    train_time: float
+    parameters: int
+    epochs: float
+    checkpoint: str
+
+
+def trained(preset: str, mode: Mode, progress: bool = True) -> Trained:
+    """Train ``preset`` (or resume / reuse its cached checkpoint) for ``mode``."""
+    p = PRESETS[preset]
+    epochs = mode.epochs.get(preset, p.train.epochs)
+    ident = dataclasses.replace(p.train, epochs=epochs).identity()
+    out_dir = CACHE / "models" / f"{preset}-{key(p.model.to_dict(), ident)}"
+    cfg = dataclasses.replace(p.train, epochs=epochs, out_dir=str(out_dir))
+    data = load_dataset(cfg.dataset)
+    outcome = train(p.model, cfg, progress=progress, data=data)
+    model = load_model(outcome.checkpoint).eval()
+    return Trained(preset, model, data, outcome.test_bpd, outcome.train_time,
+                   outcome.parameters, float(epochs), str(outcome.checkpoint))
+
+
+def noise(model: TarFlow, batch: int, seed: int = SEED) -> tuple[Tensor, Tensor]:
+    """Seeded prior noise (tokens) and balanced class labels."""
+    c = model.config
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(batch, c.seq_len, c.token_dim, generator=g)
+    y = torch.arange(batch) % max(c.num_classes, 1) if c.num_classes else None
+    return z, y
+
+
+def sample(model: TarFlow, z: Tensor, y: Tensor | None, strategy: Strategy | None,
+           **kwargs: Any) -> Sample:
+    with torch.no_grad():
+        return reverse(model, z, y, strategy=strategy, guidance=GUIDANCE, **kwargs)
+
+
+def totals(s: Sample) -> dict[str, Any]:
+    """Cost summed over blocks and the worst status."""
+    return {
+        "dependent_steps": sum(r.dependent_steps for r in s.blocks),
+        "token_evals": sum(r.token_evals for r in s.blocks),
+        "iterations": [r.iterations for r in s.blocks],
+        "status": [r.status.name for r in s.blocks],
+        "solver_time": sum(r.wall_time for r in s.blocks),
+    }
+
+
+def median_time(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall-clock seconds of ``fn`` over ``repeats`` runs, after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def deviation(a: Tensor, b: Tensor) -> dict[str, float]:
+    d = (a - b).abs()
+    return {"max": float(d.max()), "mean": float(d.mean())}
+
+
+def sequential_strategy(blocks: int) -> Strategy:
+    return Strategy.uniform(fp.Sequential(), blocks)
+
+
+def jacobi_strategy(blocks: int, max_iter: int | None = None, tol: float = 0.0) -> Strategy:
+    return Strategy.uniform(fp.Jacobi(tol=tol, max_iter=max_iter), blocks)
+
+
+def per_block(methods: Sequence[fp.Method], inits: Sequence[InitialGuess] | None = None
+              ) -> Strategy:
+    inits = inits or [InitialGuess.NOISE] * len(methods)
+    return Strategy(tuple(BlockPlan(m, i) for m, i in zip(methods, inits, strict=True)))

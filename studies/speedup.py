@@ -1,0 +1,161 @@
+"""Table 6: time / quality / speed-up of every strategy, beside the paper's table.
+
+Strategies: sequential (the lean KV-cached sampler), pure Jacobi, the paper's rule
+(CRM-dominant blocks get modules, IGM picks the start, caps [*-8-32-10]), Anderson,
+triangular Anderson, and the automatic strategy for batch 1 and for batch 64.  Columns:
+dependent steps and token evaluations (summed over blocks), wall-clock at batch 1 and
+at batch 64 (median of repeats in this run, this CPU, fp32), speed-up vs sequential,
+max and mean deviation from the sequential samples from the same noise, and quality
+(Fréchet classifier distance, FCD, and conditional accuracy of the classifier).  The
+metric's own noise is the FCD difference between two sequential runs with different
+seeds.  The cost model's prediction of each wall-clock is stored beside it.
+
+    python -m studies.speedup --mode fast
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import fixedpoint as fp
+from fixedpoint.quality import QualityMeter
+from fixedpoint.tarflow.metrics import BlockMetrics
+from fixedpoint.tarflow.strategy import InitialGuess, Strategy
+
+from . import auto_strategy, costmodel
+from .common import CACHE, MODES, Mode, read_json, timed, write_json
+from .crm_igm import paper_rule
+from .lib import (
+    BUDGET,
+    SEED,
+    deviation,
+    median_time,
+    noise,
+    sample,
+    sequential_strategy,
+    totals,
+    trained,
+)
+
+TOL = 1e-4  # tolerance of the tolerance-driven methods (tokens, data in [-1, 1])
+
+PUBLISHED = [
+    # model, For time, For FID, strategy, GS-J time, GS-J FID, speed-up
+    ("Img128cond (4-1024-8-8-0.15)", 133.19, 5.06, "[6-8-32-10]", 29.41, 5.09, 4.53),
+    ("AFHQ-256 (8-768-8-8-0.07)", 109.24, 13.60, "[7-8-32-10]", 20.54, 13.73, 5.32),
+    ("Img64uncond (2-768-8-8-0.05)", 109.05, 14.67, "[0/6-8-32-20]", 36.84, 14.80, 2.96),
+    ("Img64cond (4-1024-8-8-0.05)", 12.16, 4.42, "[0/7-256/8-1/13-6]", 4.97, 4.42, 2.51),
+]
+
+
+def strategies(model, table: list[BlockMetrics], auto: dict[int, Strategy]) -> dict:
+    c = model.config
+    K, T = c.blocks, c.seq_len
+    out = {
+        "sequential": sequential_strategy(K),
+        "jacobi": Strategy.uniform(fp.Jacobi(tol=TOL), K),
+        "paper rule": paper_rule(table, T),
+        "anderson": Strategy.uniform(fp.Anderson(tol=TOL, max_iter=T), K),
+        "triangular anderson": Strategy.uniform(fp.TriangularAnderson(tol=TOL), K),
+    }
+    for b, s in auto.items():
+        out[f"auto (b={b})"] = s
+    return out
+
+
+def igm_inits(table: list[BlockMetrics]) -> list[InitialGuess]:
+    return [InitialGuess.ZEROS_AFTER_FIRST if r.igm_sample_zeros < r.igm_sample_noise
+            else InitialGuess.NOISE for r in table]
+
+
+def run_model(preset: str, mode: Mode) -> dict:
+    t = trained(preset, mode)
+    model, c = t.model, t.model.config
+    table = [BlockMetrics(**r) for r in read_json(mode.out_dir / f"crm_igm-{preset}.json")["table"]]
+    timing_batches = (1, 64) if mode.name == "full" else (1, 8)
+    with timed(f"{preset}: cost model"):
+        cost = {b: costmodel.fit(model, (b,), repeats=mode.repeats) for b in timing_batches}
+    auto, auto_info = {}, {}
+    for b in timing_batches:
+        with timed(f"{preset}: automatic strategy for batch {b}"):
+            info = auto_strategy.choose(model, cost[b], b, igm_inits(table))
+        auto[b] = info["strategy"]
+        auto_info[b] = {"rounds": info["rounds"], "predicted_s": info["predicted_s"],
+                        "strategy": info["strategy"].describe()}
+    plans = strategies(model, table, auto)
+
+    meter = QualityMeter.for_dataset(t.data, cache_dir=CACHE / "classifiers")
+    z, y = noise(model, mode.eval_batch, seed=SEED)
+    reference = sample(model, z, y, plans["sequential"], denoise=True)
+    z2, y2 = noise(model, mode.eval_batch, seed=SEED + 1)
+    second = sample(model, z2, y2, plans["sequential"], denoise=True)
+    fcd_seq = meter.frechet(reference.x)
+    noise_floor = abs(meter.frechet(second.x) - fcd_seq)
+
+    rows = []
+    for name, strategy in plans.items():
+        with timed(f"{preset}: {name}"):
+            s = reference if name == "sequential" else sample(model, z, y, strategy, denoise=True)
+            row = {"strategy": name, "spec": strategy.describe(), **totals(s),
+                   "deviation": deviation(s.x, reference.x),
+                   "fcd": meter.frechet(s.x), "accuracy": meter.accuracy(s.x, y)}
+            for b in timing_batches:
+                zb, yb = noise(model, b, seed=SEED)
+                row[f"time_b{b}"] = median_time(lambda s=strategy, zb=zb, yb=yb:
+                                                sample(model, zb, yb, s), mode.repeats)
+                sb = sample(model, zb, yb, strategy)
+                tb = totals(sb)
+                row[f"steps_b{b}"] = tb["dependent_steps"]
+                row[f"tokens_b{b}"] = tb["token_evals"]
+                row[f"predicted_b{b}"] = cost[b].predict(tb["dependent_steps"], tb["token_evals"])
+            rows.append(row)
+    for row in rows:
+        for b in timing_batches:
+            row[f"speedup_b{b}"] = rows[0][f"time_b{b}"] / row[f"time_b{b}"]
+            row[f"prediction_error_b{b}"] = row[f"predicted_b{b}"] / row[f"time_b{b}"] - 1
+        row["step_reduction"] = rows[0]["dependent_steps"] / row["dependent_steps"]
+
+    out = {
+        "preset": preset, "seq_len": c.seq_len, "blocks": c.blocks,
+        "eval_batch": mode.eval_batch, "timing_batches": list(timing_batches),
+        "tolerance": TOL, "budget": BUDGET, "dtype": "float32", "device": "cpu",
+        "threads": torch.get_num_threads(),
+        "test_bpd": t.test_bpd, "train_time_s": t.train_time, "parameters": t.parameters,
+        "classifier_test_accuracy": meter.test_accuracy,
+        "fcd_sequential": fcd_seq, "fcd_noise_floor": noise_floor,
+        "cost_model": {b: cost[b].to_dict() for b in timing_batches},
+        "auto": auto_info, "rows": rows, "published": PUBLISHED,
+    }
+    write_json(mode.out_dir / f"speedup-{preset}.json", out, seed=SEED)
+    print(markdown(out))
+    return out
+
+
+def markdown(out: dict) -> str:
+    bs = out["timing_batches"]
+    head = ["strategy", "dependent steps", "token evals"]
+    head += [f"ms (b={b})" for b in bs] + [f"speed-up (b={b})" for b in bs]
+    head += ["max dev", "FCD", "accuracy"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in out["rows"]:
+        cells = [r["strategy"], str(r["dependent_steps"]), str(r["token_evals"])]
+        cells += [f"{1e3 * r[f'time_b{b}']:.1f}" for b in bs]
+        cells += [f"{r[f'speedup_b{b}']:.2f}x" for b in bs]
+        cells += [f"{r['deviation']['max']:.1e}", f"{r['fcd']:.3f}", f"{r['accuracy']:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=MODES, default="fast")
+    args = parser.parse_args(argv)
+    mode = MODES[args.mode]
+    for preset in mode.models:
+        run_model(preset, mode)
+
+
+if __name__ == "__main__":
+    main()
