@@ -58,6 +58,9 @@ def _common_parser() -> argparse.ArgumentParser:
     group.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                        help="compute dtype for sampling and metrics; bfloat16 = autocast "
                             "(default float32)")
+    group.add_argument("--threads", type=int, default=None,
+                       help="torch CPU threads (default: torch's choice; 1 is faster when "
+                            "another process keeps the other core busy)")
     group.add_argument("--quiet", action="store_true", help="no progress bars or notes")
     return common
 
@@ -83,8 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                        ("--noise-std", float)):
         sizes.add_argument(flag, type=kind, default=None)
     for flag, kind in (("--steps", int), ("--epochs", float), ("--batch-size", int),
-                       ("--lr", float), ("--warmup", int), ("--checkpoint-every", int),
-                       ("--threads", int)):
+                       ("--lr", float), ("--warmup", int), ("--checkpoint-every", int)):
         sizes.add_argument(flag, type=kind, default=None)
 
     p = sub.add_parser("sample", parents=[common], help="sample from a checkpoint",
@@ -267,8 +269,8 @@ def save_grid(images: Any, path: str | Path, nrow: int | None = None) -> Path:
         r, q = divmod(i, nrow)
         top, left = pad + r * (h + pad), pad + q * (w + pad)
         grid[:, top : top + h, left : left + w] = x[i]
-    # Upscale so 8x8 digits are visible in an image viewer (>= ~256 px wide).
-    scale = max(1, 256 // grid.shape[2])
+    # Upscale (nearest) so that 8x8 digits are visible in an image viewer: >= 512 px wide.
+    scale = max(1, -(-512 // grid.shape[2]))
     grid = grid.repeat(scale, axis=1).repeat(scale, axis=2)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -445,6 +447,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fixedpoint.tarflow.train import TrainError
 
     try:
+        if args.threads is not None:
+            if args.threads < 1:
+                raise UserError(f"--threads must be >= 1, got {args.threads}")
+            import torch
+
+            torch.set_num_threads(args.threads)
         return COMMANDS[args.command](args)
     except (UserError, CheckpointError, DatasetError, TrainError) as exc:
         print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)

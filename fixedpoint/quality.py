@@ -46,7 +46,7 @@ import tempfile
 import time
 import warnings
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,7 +186,7 @@ class TrainedClassifier:
     provenance: dict[str, Any] = field(default_factory=dict)
 
 
-def _batched(fn: Any, x: Tensor, batch_size: int) -> Tensor:
+def _batched(fn: Callable[[Tensor], Tensor], x: Tensor, batch_size: int) -> Tensor:
     return torch.cat([fn(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
