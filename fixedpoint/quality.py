@@ -130,8 +130,7 @@ class FeatureClassifier(nn.Module):
         super().__init__()
         if image_size < 4 or image_size % 4:
             raise ValueError(
-                f"image_size must be a positive multiple of 4 (two 2x2 poolings), got "
-                f"{image_size}"
+                f"image_size must be a positive multiple of 4 (two 2x2 poolings), got {image_size}"
             )
         if len(widths) != 2 or min(widths) < 1:
             raise ValueError(f"widths must be two positive channel counts, got {widths}")
@@ -157,9 +156,7 @@ class FeatureClassifier(nn.Module):
     def _check_input(self, x: Tensor) -> None:
         c, s = self.config["channels"], self.config["image_size"]
         if x.dim() != 4 or tuple(x.shape[1:]) != (c, s, s):
-            raise ValueError(
-                f"expected images of shape (N, {c}, {s}, {s}), got {tuple(x.shape)}"
-            )
+            raise ValueError(f"expected images of shape (N, {c}, {s}, {s}), got {tuple(x.shape)}")
 
     def features(self, x: Tensor) -> Tensor:
         """Penultimate activations ``(N, feature_dim)`` of images ``(N, C, H, W)``."""
@@ -683,9 +680,7 @@ class QualityMeter:
         only values computed from the same number of images.
         """
         mu, sigma = feature_statistics(self.features(images))
-        return frechet_distance_from_statistics(
-            mu, sigma, self.reference_mean, self.reference_cov
-        )
+        return frechet_distance_from_statistics(mu, sigma, self.reference_mean, self.reference_cov)
 
     def accuracy(self, images: Tensor, labels: Tensor | Sequence[int]) -> float:
         """Fraction of images classified as the class they were conditioned on."""

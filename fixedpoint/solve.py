@@ -248,11 +248,14 @@ def _solve_module(
         proposal = f if stepper is None else stepper.propose(x_old, f, lo, unfrozen, first)
         x_new = torch.where(unfrozen[..., None], proposal, x_old)
         residual = (x_new - x_old).abs().amax(-1).amax(-1)
-        # The first unfrozen position was computed from frozen inputs: it is exact.
-        keeps_moving = unfrozen & ~first & ~_settled(x_old, x_new, tol, rtol)
+        # The first unfrozen position was computed from frozen inputs: it is exact and
+        # freezes.  Later positions freeze only behind an unbroken run of settled
+        # updates starting at that first position: a position computed from an input
+        # that just moved by more than the tolerance is not final yet.
+        keeps_moving = unfrozen & ~_settled(x_old, x_new, tol, rtol)
         run.x[:, lo:hi] = x_new
         stop = torch.where(keeps_moving.any(1), lo + keeps_moving.int().argmax(1), hi)
-        p = torch.where(active & ~broken, stop, p)
+        p = torch.where(active & ~broken, torch.maximum(stop, p + 1), p)
         run.record(module, iterations, residual)
     run.cap_reached((p < hi).cpu())
     run.module_iterations.append(iterations)
@@ -293,13 +296,14 @@ class _TriangularAndersonStep:
         eye = torch.eye(self.memory, dtype=x.dtype, device=x.device)
         unused = torch.arange(self.memory, device=x.device) >= self.filled
         scale = gram.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None] / self.memory
-        regular = gram + (self.ridge * scale + torch.finfo(x.dtype).tiny) * eye
+        regular = gram + (_ridge(self.ridge, x.dtype) * scale + torch.finfo(x.dtype).tiny) * eye
         # Empty history slots get an identity row and a zero right-hand side: gamma = 0.
         regular = torch.where(unused[:, None] | unused[None, :], eye, regular)
         rhs = torch.where(unused, 0.0, rhs)
-        gamma = torch.linalg.solve(regular, rhs)
+        gamma, info = torch.linalg.solve_ex(regular, rhs)
         mixed = x + r - ((dX + dR) @ gamma[..., None])[..., 0]
-        fallback = first[..., None] | ~torch.isfinite(mixed)
+        # Singular or overflowing least squares: that position takes the plain step.
+        fallback = first[..., None] | ~torch.isfinite(mixed) | (info != 0)[..., None]
         return torch.where(fallback, f, mixed)
 
 
@@ -373,9 +377,16 @@ def _anderson_coefficients(dG: Tensor, g: Tensor, filled: Tensor, ridge: float) 
     rhs = (dG @ g[..., None])[..., 0]
     eye = torch.eye(m, dtype=g.dtype, device=g.device)
     scale = gram.diagonal(dim1=1, dim2=2).sum(-1)[:, None, None] / m
-    regular = gram + (ridge * scale + torch.finfo(g.dtype).tiny) * eye
+    regular = gram + (_ridge(ridge, g.dtype) * scale + torch.finfo(g.dtype).tiny) * eye
     unused = torch.arange(m, device=g.device)[None, :] >= filled[:, None]
     mask = unused[:, :, None] | unused[:, None, :]
     regular = torch.where(mask, eye, regular)
     rhs = torch.where(unused, 0.0, rhs)
-    return torch.linalg.solve(regular, rhs)
+    gamma, info = torch.linalg.solve_ex(regular, rhs)
+    # A singular system gives non-finite coefficients, so the caller takes the plain step.
+    return torch.where((info != 0)[:, None], torch.nan, gamma)
+
+
+def _ridge(ridge: float, dtype: torch.dtype) -> float:
+    """The relative ridge, never below what the dtype can resolve."""
+    return max(ridge, 16 * torch.finfo(dtype).eps)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+import fixedpoint
+
 nbformat = pytest.importorskip("nbformat")
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
@@ -23,6 +25,7 @@ IDS = [path.name for path in NOTEBOOKS]
 # The package's public modules; everything else (fixedpoint.solve, .methods, ...) is an
 # implementation detail that notebooks must not reach into.
 PUBLIC_MODULES = {"fixedpoint", "fixedpoint.systems", "fixedpoint.testing"}
+PUBLIC_NAMES = set(fixedpoint.__all__) | {"systems", "testing", "__version__"}
 
 
 def _read(path: Path):
@@ -64,8 +67,10 @@ def test_uses_public_api_only(path: Path):
             elif isinstance(node, ast.ImportFrom):
                 modules = [node.module or ""]
                 names = [alias.name for alias in node.names]
-                if node.module == "fixedpoint":  # from fixedpoint import systems, testing
-                    modules += [f"fixedpoint.{n}" for n in names if n in ("systems", "testing")]
+                if node.module == "fixedpoint":
+                    # from fixedpoint import systems, testing, solve, Jacobi, ...
+                    unknown = [n for n in names if n not in PUBLIC_NAMES]
+                    assert not unknown, f"{path.name}, cell {i}: imports non-public {unknown}"
             elif isinstance(node, ast.Attribute) and node.attr.startswith("_"):
                 base = node.value
                 if isinstance(base, ast.Name) and base.id in ("fp", "fixedpoint", "fpt"):
@@ -75,8 +80,9 @@ def test_uses_public_api_only(path: Path):
                 continue
             for module in modules:
                 if module.split(".")[0] == "fixedpoint":
+                    allowed = sorted(PUBLIC_MODULES)
                     assert module in PUBLIC_MODULES, (
-                        f"{path.name}, cell {i}: imports {module}; use only {sorted(PUBLIC_MODULES)}"
+                        f"{path.name}, cell {i}: imports {module}; use only {allowed}"
                     )
             if any(m.split(".")[0] == "fixedpoint" for m in modules):
                 private = [n for n in names if n.startswith("_")]

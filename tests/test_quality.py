@@ -153,9 +153,7 @@ def test_frechet_sqrtm_fallback_adds_eps(monkeypatch: pytest.MonkeyPatch) -> Non
 @pytest.mark.parametrize("imag", [1e-9, 0.1])
 def test_frechet_imaginary_parts(monkeypatch: pytest.MonkeyPatch, imag: float) -> None:
     real_sqrtm = scipy.linalg.sqrtm
-    monkeypatch.setattr(
-        scipy.linalg, "sqrtm", lambda a: real_sqrtm(a) + 1j * imag * np.eye(len(a))
-    )
+    monkeypatch.setattr(scipy.linalg, "sqrtm", lambda a: real_sqrtm(a) + 1j * imag * np.eye(len(a)))
     rng = np.random.default_rng(6)
     mu1, s1 = feature_statistics(rng.standard_normal((100, 4)))
     mu2, s2 = feature_statistics(rng.standard_normal((100, 4)) + 1)
@@ -274,9 +272,7 @@ def test_cache_round_trip(trained: TrainedClassifier, digits: Dataset, cache_dir
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "other-settings", "nan-weights"])
-def test_corrupt_cache_warns_and_retrains(
-    digits: Dataset, tmp_path: Path, damage: str
-) -> None:
+def test_corrupt_cache_warns_and_retrains(digits: Dataset, tmp_path: Path, damage: str) -> None:
     first = train_classifier(digits, epochs=1, cache_dir=tmp_path)
     path = Path(first.provenance["cache_path"])
     if damage == "truncate":

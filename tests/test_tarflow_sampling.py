@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fixedpoint as fp
 from fixedpoint.tarflow import (
@@ -244,6 +246,30 @@ def test_advance_equals_full_evaluation(cond_model, schedule, guidance):
         got = fmap.advance(state, x, lo, hi)
         assert torch.equal(x, x_copy)
         assert fmap.committed(state) == lo
+        torch.testing.assert_close(got, fmap(x)[:, lo:hi], rtol=0, atol=ATOL)
+
+
+@st.composite
+def window_schedules(draw) -> list[tuple[int, int]]:
+    """Random solver-like call sequences: lo never decreases, lo <= hi <= T."""
+    lo, out = 0, []
+    for _ in range(draw(st.integers(1, 8))):
+        lo = draw(st.integers(lo, 16))
+        out.append((lo, draw(st.integers(lo, 16))))
+    return out
+
+
+@settings(max_examples=25, deadline=None)
+@given(schedule=window_schedules(), seed=st.integers(0, 2**16))
+def test_advance_equals_full_evaluation_on_random_schedules(cond_model, schedule, seed):
+    fmap = make_map(cond_model, guidance=0.7, y=torch.tensor([4, -1, 2]))
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 16, 4, generator=gen)
+    state = fmap.init_state(x)
+    for lo, hi in schedule:
+        x = x.clone()
+        x[:, lo:] = torch.randn(x[:, lo:].shape, generator=gen)
+        got = fmap.advance(state, x, lo, hi)
         torch.testing.assert_close(got, fmap(x)[:, lo:hi], rtol=0, atol=ATOL)
 
 

@@ -118,22 +118,21 @@ class BlockInverse(fp.IncrementalMap):
 
     # ---- the map ---------------------------------------------------------------------
 
-    def _params(self, out: Tensor, first_output: int) -> tuple[Tensor, Tensor]:
-        """Split raw network outputs into ``(a, mu)``, combining the CFG halves."""
-        a, mu = out.split(self.config.token_dim, dim=-1)
+    def _apply(self, out: Tensor, first: int, x_dtype: torch.dtype) -> Tensor:
+        """``F`` at positions ``first .. first + L - 1`` from raw network outputs.
+
+        Combines the CFG halves (``c + g (c - u)`` on ``a`` and ``mu`` at once) and
+        returns ``z exp(a) + mu``, with the combination and ``exp`` in >= float32.
+        """
+        out = wide(out)
         if self.cfg:
             B = self.batch
-            g = self.g_out[first_output - 1 : first_output - 1 + out.shape[1]]
-            a_c, a_u = a[:B], a[B:]
-            mu_c, mu_u = mu[:B], mu[B:]
-            a = a_c + g * (wide(a_c) - a_u).to(a_c.dtype)
-            mu = mu_c + g * (wide(mu_c) - mu_u).to(mu_c.dtype)
-        return a, mu
-
-    def _apply(self, a: Tensor, mu: Tensor, lo: int, x_dtype: torch.dtype) -> Tensor:
-        """``z_t exp(a_t) + mu_t`` for positions ``lo .. lo + L - 1``; exp in >= fp32."""
-        zt = self.z[:, lo : lo + a.shape[1]]
-        return (zt * torch.exp(wide(a)) + mu).to(x_dtype)
+            cond, uncond = out[:B], out[B:]
+            g = self.g_out[first - 1 : first - 1 + out.shape[1]]
+            out = cond + g * (cond - uncond)
+        a, mu = out.split(self.config.token_dim, dim=-1)
+        zt = self.z[:, first : first + out.shape[1]]
+        return torch.addcmul(mu, zt, torch.exp(a)).to(x_dtype)
 
     def _rows(self, x: Tensor) -> Tensor:
         return torch.cat([x, x]) if self.cfg else x
@@ -146,8 +145,7 @@ class BlockInverse(fp.IncrementalMap):
                 return self.z.to(x.dtype).clone()
             out = self.block.network(self._rows(x[:, : T - 1]), self.emb[:, : T - 1],
                                      q_scale=self.q_scale)
-            a, mu = self._params(out, 1)
-            rest = self._apply(a, mu, 1, x.dtype)
+            rest = self._apply(out, 1, x.dtype)
             return torch.cat([self.z[:, :1].to(x.dtype), rest], dim=1)
 
     def init_state(self, x: Tensor) -> BlockInverseState:
@@ -184,8 +182,7 @@ class BlockInverse(fp.IncrementalMap):
                     self._rows(x[:, n:end]), self.emb[:, n:end], q_scale=self.q_scale,
                     cache=cache, start=n,
                 )
-                a, mu = self._params(out, n + 1)
-                new = self._apply(a, mu, n + 1, x.dtype)  # F at positions n+1..end
+                new = self._apply(out, n + 1, x.dtype)  # F at positions n+1..end
         cache.length = lo
         if lo == n:
             parts = [state.frontier] if hi > lo else []
@@ -194,7 +191,8 @@ class BlockInverse(fp.IncrementalMap):
             result = torch.cat(parts, dim=1) if parts else x[:, lo:lo].clone()
         else:
             result = new[:, lo - n - 1 : hi - n - 1]
-            state.frontier = new[:, lo - n - 1 : lo - n]
+            # A copy: the result is a view of `new` that the solver may own and modify.
+            state.frontier = new[:, lo - n - 1 : lo - n].clone()
         return result
 
     def _check(self, x: Tensor) -> None:

@@ -182,7 +182,7 @@ PRESETS: dict[str, Preset] = {
             head_dim=64, num_classes=10, noise_std=0.1,
         ),
         TrainConfig(
-            dataset="mnist", epochs=15, batch_size=64, warmup=200, checkpoint_every=250,
+            dataset="mnist", epochs=12, batch_size=64, warmup=200, checkpoint_every=250,
             out_dir=".cache/runs/mnist-p4",
         ),
         "MNIST 28x28, patch 4 (T=49), width 128, 4 blocks x 4 layers",
@@ -193,7 +193,7 @@ PRESETS: dict[str, Preset] = {
             head_dim=64, num_classes=10, noise_std=0.1,
         ),
         TrainConfig(
-            dataset="mnist", epochs=10, batch_size=64, warmup=200, checkpoint_every=250,
+            dataset="mnist", epochs=12, batch_size=64, warmup=200, checkpoint_every=250,
             out_dir=".cache/runs/mnist-p2",
         ),
         "MNIST 28x28, patch 2 (T=196), width 64, 4 blocks x 2 layers",
