@@ -346,22 +346,29 @@ def cmd_train(args: argparse.Namespace) -> int:
         train_cfg = dataclasses.replace(preset.train, **train_over)
     except (TypeError, ValueError) as exc:
         raise UserError(f"invalid configuration: {exc}") from None
+    # Customised = anything that changes the trained weights (not threads, device, paths).
+    customised = bool(model_over) or train_cfg.identity() != preset.train.identity()
     if args.checkpoint:
         out = Path(args.checkpoint)
         train_cfg = dataclasses.replace(train_cfg, out_dir=str(out.parent),
                                         checkpoint_name=out.name)
     elif args.out_dir:
         train_cfg = dataclasses.replace(train_cfg, out_dir=args.out_dir)
-    elif model_over or train_over.keys() - {"data_dir", "device", "threads", "seed"} or (
-        args.seed != preset.train.seed
-    ):
+    elif customised:
         # A customised run must not collide with (and refuse to resume) the preset's run.
         train_cfg = dataclasses.replace(
             train_cfg, out_dir=f"{preset.train.out_dir}-{_config_hash(model_cfg, train_cfg)}"
         )
     if train_cfg.checkpoint_path.exists():
         _note(args, f"resuming from {train_cfg.checkpoint_path} if it matches this config")
-    _note(args, f"training preset {name}: {preset.description}")
+    m = model_cfg
+    length = (f"{train_cfg.steps} steps" if train_cfg.steps is not None
+              else f"{train_cfg.epochs:g} epochs")
+    _note(args, f"training {train_cfg.dataset} (preset {name}"
+                f"{', customised' if customised else ''}): "
+                f"image {m.image_size}, patch {m.patch_size} (T={m.seq_len}), width {m.width}, "
+                f"{m.blocks} blocks x {m.layers} layers, {length} of batch "
+                f"{train_cfg.batch_size} -> {train_cfg.checkpoint_path}")
     outcome = train(model_cfg, train_cfg, progress=not args.quiet)
     print(f"test NLL: {outcome.test_bpd:.4f} bits/dim")
     print(f"checkpoint: {outcome.checkpoint}")

@@ -246,16 +246,21 @@ def _solve_module(
 
         x_old = run.x[:, lo:hi]
         proposal = f if stepper is None else stepper.propose(x_old, f, lo, unfrozen, first)
+        # A position is final once every input it was just computed from had settled
+        # (plain-step residual within tolerance): so the first unsettled position still
+        # freezes (its inputs did not move), and everything after it waits, because it
+        # was computed from an input that just moved.  The first unfrozen position always
+        # freezes: that is the finite-termination argument.  Frozen positions take the
+        # plain value F(x), which is exact given their inputs, never a mixed step.
+        keeps_moving = unfrozen & ~_settled(x_old, f, tol, rtol)
+        stop = torch.where(keeps_moving.any(1), lo + keeps_moving.int().argmax(1) + 1, hi)
+        stop = torch.where(active & ~broken, stop, p)
+        freezing = unfrozen & (window[None, :] < stop[:, None])
         x_new = torch.where(unfrozen[..., None], proposal, x_old)
+        x_new = torch.where(freezing[..., None], f, x_new)
         residual = (x_new - x_old).abs().amax(-1).amax(-1)
-        # The first unfrozen position was computed from frozen inputs: it is exact and
-        # freezes.  Later positions freeze only behind an unbroken run of settled
-        # updates starting at that first position: a position computed from an input
-        # that just moved by more than the tolerance is not final yet.
-        keeps_moving = unfrozen & ~_settled(x_old, x_new, tol, rtol)
         run.x[:, lo:hi] = x_new
-        stop = torch.where(keeps_moving.any(1), lo + keeps_moving.int().argmax(1), hi)
-        p = torch.where(active & ~broken, torch.maximum(stop, p + 1), p)
+        p = stop
         run.record(module, iterations, residual)
     run.cap_reached((p < hi).cpu())
     run.module_iterations.append(iterations)

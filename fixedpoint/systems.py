@@ -267,7 +267,8 @@ class LinearSystem(TriangularSystem):
         b = self.b.reshape(B, T * d)
         for t in range(T):
             rows = slice(t * d, (t + 1) * d)
-            x[:, rows] = b[:, rows] + x[:, : t * d] @ self.L[rows, : t * d].T
+            block = self.L[rows, : t * d].T.expand(B, t * d, d)
+            x[:, rows] = b[:, rows] + torch.bmm(x[:, None, : t * d], block)[:, 0]
         return x.reshape(B, T, d)
 
     def jacobi_error(self, e0: Tensor, k: int) -> Tensor:

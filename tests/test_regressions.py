@@ -37,3 +37,13 @@ def test_accelerated_methods_survive_singular_least_squares_in_float32():
     aa = fp.solve(s, s.empty(), fp.Anderson(tol=1e-5, ridge=0.0))
     assert aa.status in (fp.Status.SUCCESS, fp.Status.MAX_ITER)
     assert torch.isfinite(aa.x).all()
+
+
+def test_a_known_first_position_saves_one_jacobi_iteration():
+    """Finite termination: T - 1 iterations when x0 is already exact at position 0."""
+    x0 = torch.zeros(1, 6, 2, dtype=torch.float64)
+    assert fp.solve(shift_with_one, x0, fp.Jacobi()).iterations == 6
+    x0[:, 0] = 1.0
+    result = fp.solve(shift_with_one, x0, fp.Jacobi())
+    assert result.iterations == 5
+    assert torch.equal(result.x, torch.ones_like(x0))

@@ -259,7 +259,7 @@ def window_schedules(draw) -> list[tuple[int, int]]:
     return out
 
 
-@settings(max_examples=25, deadline=None)
+@settings(deadline=None)  # example count: the project profile (tests/conftest.py)
 @given(schedule=window_schedules(), seed=st.integers(0, 2**16))
 def test_advance_equals_full_evaluation_on_random_schedules(cond_model, schedule, seed):
     fmap = make_map(cond_model, guidance=0.7, y=torch.tensor([4, -1, 2]))

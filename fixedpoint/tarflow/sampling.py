@@ -189,6 +189,8 @@ class BlockInverse(fp.IncrementalMap):
             if hi - 1 > n:
                 parts.append(new[:, : hi - 1 - n])
             result = torch.cat(parts, dim=1) if parts else x[:, lo:lo].clone()
+        elif new is None:  # lo == T: everything committed, nothing left to evaluate
+            result = x[:, lo:lo].clone()
         else:
             result = new[:, lo - n - 1 : hi - n - 1]
             # A copy: the result is a view of `new` that the solver may own and modify.
