@@ -12,8 +12,10 @@ resumes where it stopped; ``--force`` reruns everything (trained models stay cac
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from . import (
     batch_scaling,
@@ -46,8 +48,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mode", choices=MODES, default="fast")
     parser.add_argument("--force", action="store_true", help="rerun studies whose output exists")
     parser.add_argument("--only", nargs="*", help="run only these studies (names above)")
+    parser.add_argument("--models", nargs="*", help="restrict to these training presets")
+    parser.add_argument("--out", type=Path, help="output directory (default: the mode's)")
     args = parser.parse_args(argv)
     mode = MODES[args.mode]
+    if args.models:
+        unknown = set(args.models) - set(mode.models)
+        if unknown:
+            parser.error(f"unknown models {sorted(unknown)}; {mode.name} mode has {mode.models}")
+        mode = dataclasses.replace(mode, models=tuple(args.models))
+    if args.out:
+        mode = dataclasses.replace(mode, out_dir=args.out.resolve())
     mode.out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -72,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     total = time.perf_counter() - start
     write_json(mode.out_dir / "run.json", {"mode": mode.name, "wall_clock_s": total,
                                            "timings_s": timings})
-    write_paper.main(["--mode", mode.name])
+    write_paper.write(mode)
     print(f"all done in {total / 60:.1f} min; results in {mode.out_dir}")
 
 

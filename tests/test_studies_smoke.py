@@ -1,0 +1,32 @@
+"""Smoke test of the reproduction pipeline: every study script, fast mode, digits only."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_fast_reproduction_runs_every_study(tmp_path):
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "studies.reproduce", "--mode", "fast", "--models", "digits",
+           "--out", str(out)]
+    env = {**os.environ, "MPLBACKEND": "Agg"}
+    subprocess.run(cmd, cwd=ROOT, check=True, timeout=1200, env=env)
+    for stem in ("convergence", "crm_igm", "initial_guess", "speedup", "batch_scaling"):
+        payload = json.loads((out / f"{stem}-digits.json").read_text())
+        assert payload["provenance"]["git_revision"]
+        assert payload["provenance"]["hardware"]["cpu_count"] >= 1
+    for stem in ("convergence", "trace", "samples", "initial_guess", "batch_scaling"):
+        assert (out / f"{stem}-digits.png").stat().st_size > 1000
+    speed = json.loads((out / "speedup-digits.json").read_text())
+    rows = {r["strategy"]: r for r in speed["rows"]}
+    assert rows["sequential"]["deviation"]["max"] == 0.0
+    # Jacobi with tolerance 1e-4 per block must stay within the studies' error budget.
+    assert rows["jacobi"]["deviation"]["max"] <= speed["budget"]
+    assert (out / "paper.md").read_text().count("|") > 10
