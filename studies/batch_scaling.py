@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from functools import partial
 
 import matplotlib
 
@@ -63,7 +64,8 @@ def run_model(preset: str, mode: Mode) -> dict:
         for name, strategy in plans.items():
             tt = totals(sample(model, z, y, strategy))
             m = measured[name]
-            m["time"].append(median_time(lambda s=strategy: sample(model, z, y, s), mode.repeats))
+            run = partial(sample, model, z, y, strategy)
+            m["time"].append(median_time(run, mode.repeats))
             m["steps"].append(tt["dependent_steps"])
             m["tokens"].append(tt["token_evals"])
             m["predicted"].append(cost.predict(tt["dependent_steps"], tt["token_evals"]))
