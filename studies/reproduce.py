@@ -5,17 +5,25 @@
 
 Models are trained (or loaded from ``.cache/studies``) first; then each study runs per
 model and writes JSON and PNG files into the mode's output directory (``paper/results``
-in full mode).  A study whose output already exists is skipped, so an interrupted run
-resumes where it stopped; ``--force`` reruns everything (trained models stay cached).
+in full mode).  A study this checkout already finished is skipped (see ``Ledger``), so
+an interrupted run resumes where it stopped; ``--force`` reruns everything (trained
+models stay cached).  Without MNIST files only the embedded digits model runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import torch
+
+from fixedpoint.tarflow.data import MNIST_ENV, DatasetError, load_dataset
+from fixedpoint.tarflow.train import PRESETS
 
 from . import (
     batch_scaling,
@@ -27,7 +35,7 @@ from . import (
     trace,
     write_paper,
 )
-from .common import MODES, Mode, timed, write_json
+from .common import CACHE, MODES, Mode, atomic_write_bytes, key, timed, write_json
 from .lib import trained
 
 # (name, output file stem or None for figures without JSON, per-model function), in
@@ -43,23 +51,69 @@ STUDIES: list[tuple[str, str, Callable[[str, Mode], object]]] = [
 ]
 
 
+def _needs_mnist(preset: str) -> bool:
+    return PRESETS[preset].train.dataset == "mnist"
+
+
+def _mnist_available() -> str | None:
+    """None if the MNIST files can be found, else the reason they cannot."""
+    try:
+        load_dataset("mnist")
+    except (DatasetError, OSError) as exc:
+        return str(exc)
+    return None
+
+
+class Ledger:
+    """Which (study, model) pairs this checkout's runs finished, kept in the cache.
+
+    A study is skipped only when the ledger records it for the same output directory and
+    settings: committed results in a fresh clone are recomputed, an interrupted run here
+    resumes after the last finished study.
+    """
+
+    def __init__(self, mode: Mode):
+        self.path = CACHE / f"ledger-{key(str(mode.out_dir), mode.name, mode.epochs)}.json"
+        self.done: set[str] = set()
+        if self.path.exists():
+            self.done = set(json.loads(self.path.read_text()))
+
+    def finished(self, entry: str) -> bool:
+        return entry in self.done
+
+    def add(self, entry: str) -> None:
+        self.done.add(entry)
+        atomic_write_bytes(self.path, json.dumps(sorted(self.done)).encode())
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=MODES, default="fast")
-    parser.add_argument("--force", action="store_true", help="rerun studies whose output exists")
+    parser.add_argument("--force", action="store_true", help="rerun studies already finished")
     parser.add_argument("--only", nargs="*", help="run only these studies (names above)")
     parser.add_argument("--models", nargs="*", help="restrict to these training presets")
     parser.add_argument("--out", type=Path, help="output directory (default: the mode's)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help="torch CPU threads (default: all cores)")
     args = parser.parse_args(argv)
     mode = MODES[args.mode]
+    torch.set_num_threads(max(1, args.threads))
     if args.models:
         unknown = set(args.models) - set(mode.models)
         if unknown:
             parser.error(f"unknown models {sorted(unknown)}; {mode.name} mode has {mode.models}")
         mode = dataclasses.replace(mode, models=tuple(args.models))
+    elif any(_needs_mnist(p) for p in mode.models):
+        reason = _mnist_available()
+        if reason is not None:
+            print(f"MNIST not found ({reason}); running the embedded digits model only. "
+                  f"Set {MNIST_ENV} to a folder with the MNIST IDX files for the rest.")
+            mode = dataclasses.replace(
+                mode, models=tuple(p for p in mode.models if not _needs_mnist(p)))
     if args.out:
         mode = dataclasses.replace(mode, out_dir=args.out.resolve())
     mode.out_dir.mkdir(parents=True, exist_ok=True)
+    ledger = Ledger(mode)
     start = time.perf_counter()
     timings: dict[str, float] = {}
     for preset in mode.models:
@@ -72,17 +126,19 @@ def main(argv: list[str] | None = None) -> None:
         if args.only and name not in args.only:
             continue
         for preset in mode.models:
-            target = mode.out_dir / stem.format(preset)
-            if target.exists() and not args.force:
-                print(f"[{name} {preset}] output exists, skipped ({target.name})")
+            entry = f"{name}/{preset}"
+            if ledger.finished(entry) and (mode.out_dir / stem.format(preset)).exists() \
+                    and not args.force:
+                print(f"[{entry}] finished earlier, skipped (--force reruns it)")
                 continue
             t0 = time.perf_counter()
-            with timed(f"{name} {preset}"):
+            with timed(entry):
                 fn(preset, mode)
-            timings[f"{name} {preset}"] = time.perf_counter() - t0
+            timings[entry] = time.perf_counter() - t0
+            ledger.add(entry)
     total = time.perf_counter() - start
     write_json(mode.out_dir / "run.json", {"mode": mode.name, "wall_clock_s": total,
-                                           "timings_s": timings})
+                                           "models": list(mode.models), "timings_s": timings})
     write_paper.write(mode)
     print(f"all done in {total / 60:.1f} min; results in {mode.out_dir}")
 
