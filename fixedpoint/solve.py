@@ -198,10 +198,12 @@ def _sequential(run: _Run) -> None:
     """
     for t in range(run.length):
         f = run.evaluate(t, t + 1)
-        if run.rows is not None:
-            run.record(t, 1, (f - run.x[:, t : t + 1]).abs().flatten(1).amax(1))
+        tracing = run.rows is not None
+        change = (f - run.x[:, t : t + 1]).abs().flatten(1).amax(1) if tracing else None
         run.x[:, t : t + 1] = f
         run.module_iterations.append(1)
+        if change is not None:
+            run.record(t, 1, change)
     run.sample_iterations += run.length
     # A non-finite value poisons every later position of its sample; report the sample.
     run.fail(~torch.isfinite(run.x).flatten(1).all(1).cpu())

@@ -140,8 +140,16 @@ class TriangularSystem:
 
     # -- solutions and guesses --------------------------------------------------------
     def _solve(self) -> Tensor:
-        """Forward substitution; subclasses may override with an explicit recurrence."""
-        return forward_substitution(self, self.empty())
+        """Forward substitution on growing prefixes: ``x_t = F(x_{0..t})_t``.
+
+        Maps here accept any prefix length; evaluating prefixes costs about a third of
+        ``T`` full evaluations for attention.  Subclasses may use an explicit recurrence.
+        """
+        x = self.empty()
+        with torch.no_grad():
+            for t in range(self.length):
+                x[:, t] = self(x[:, : t + 1])[:, t]
+        return x
 
     def solution(self) -> Tensor:
         """The unique fixed point, by forward substitution (cached; a fresh copy is returned)."""
@@ -249,6 +257,7 @@ class LinearSystem(TriangularSystem):
         L = toughness * L / count.sqrt()
         b = _randn(g, batch, length, dim)
         sys = cls(_cast(L, dtype, device), _cast(b, dtype, device))
+        sys.toughness = float(toughness)
         sys._repr_extra = f", toughness={toughness}"
         return sys
 
@@ -341,6 +350,7 @@ class AffineAutoregressive(TriangularSystem):
             overflow=overflow,
             radius=radius,
         )
+        sys.toughness = float(toughness)
         sys._repr_extra = f", toughness={toughness}, overflow={overflow}"
         if overflow:
             sol = sys.solution()
@@ -446,6 +456,7 @@ class AttentionAutoregressive(TriangularSystem, IncrementalMap):
         }
         p = {k: _cast(v, dtype, device) for k, v in p.items()}
         sys = cls(_cast(z, dtype, device), p, heads=heads, scale_cap=0.5 * min(1.0, toughness))
+        sys.toughness = float(toughness)
         sys._repr_extra = f", toughness={toughness}"
         return sys
 
@@ -560,6 +571,7 @@ class MarkovSystem(TriangularSystem):
         c = 0.5 * _randn(g, dim)
         z = 0.5 * _randn(g, batch, length, dim)
         sys = cls(*(_cast(v, dtype, device) for v in (A, c, z)))
+        sys.toughness = float(toughness)
         sys._repr_extra = f", toughness={toughness}"
         return sys
 

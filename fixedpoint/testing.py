@@ -19,14 +19,18 @@ Tolerances (:func:`default_rtol`), as ``|x - x_ref| <= rtol * max(1, |x_ref|)`` 
 element:
 
 * float64: ``1e-10``.  Solvers that freeze positions computed from a frozen prefix
-  agree with forward substitution to a few units in the last place on every system here
-  (measured worst ~1e-13), so the bound has a wide margin without hiding real errors,
-  which are of the order of the update size.
+  agree with forward substitution to rounding.  Measured (every triangular method, plain
+  and incremental maps, toughness up to the caps in :data:`MAX_TOUGHNESS`, ``T`` up to
+  256, attention up to 128): worst 6e-14; plain maps of affine/Markov kind agree to
+  the bit.  A real error is of the order of an update, far above the bound.
 * float32: ``1e-4``.  Forward substitution and a parallel solve round differently
   (a different reduction order, a different kernel for a window); the difference then
-  propagates down the sequence with the system's sensitivity.  Measured on these
-  systems with toughness up to 3 and ``T`` up to 256: worst ~1e-5 relative.
-* bfloat16 / float16: ``5e-2`` (eight or eleven significand bits; only a sanity bound).
+  propagates down the sequence with the system's sensitivity.  Measured on the same
+  grid: worst 1.3e-5 relative (attention), 3.6e-6 (linear), 2.5e-7 (affine).
+* bfloat16 / float16: ``5e-2``, an unmeasured sanity bound (the tests do not use it).
+
+The caps in :data:`MAX_TOUGHNESS` matter: beyond them the systems amplify rounding
+along the sequence so much that two correct solvers can disagree at any tolerance.
 """
 
 from __future__ import annotations
@@ -117,14 +121,14 @@ def assert_close(x: Tensor, ref: Tensor, rtol: float | None = None, what: str = 
     err = relative_error(x, ref)
     worst = float(err.max())
     if not worst <= rtol:
-        where = tuple(int(i) for i in divmod_index(int(err.argmax()), err.shape))
+        where = tuple(int(i) for i in _unravel(int(err.argmax()), err.shape))
         raise AssertionError(
             f"{what}: relative error {worst:.3g} > rtol {rtol:.1g} at (sample, position, dim) "
             f"{where}: got {float(x[where]):.17g}, expected {float(ref[where]):.17g}"
         )
 
 
-def divmod_index(flat: int, shape: Sequence[int]) -> tuple[int, ...]:
+def _unravel(flat: int, shape: Sequence[int]) -> tuple[int, ...]:
     out = []
     for n in reversed(shape):
         flat, r = divmod(flat, n)
@@ -174,24 +178,20 @@ def systems(
 ) -> TriangularSystem:
     """Draw a random synthetic system (a :class:`~fixedpoint.systems.TriangularSystem`).
 
-    Short sequences are drawn more often than long ones, but ``max_length`` is reached.
+    Short sequences (``T <= 12``, where edge cases live) are drawn more often than
+    long ones, but the whole range up to ``max_length`` is covered.
     Linear systems keep ``T * d <= 1024``.
     """
     kind = draw(st.sampled_from(tuple(kinds)))
     small = min(max_length, max(min_length, 12))
-    length = draw(
-        st.one_of(
-            st.integers(min_length, small),
-            st.integers(min_length, max_length),
-            st.just(max_length),
-        )
-    )
+    length = draw(st.integers(min_length, small) | st.integers(min_length, max_length))
     batch = draw(st.integers(1, max_batch))
     dim = draw(st.integers(1, max_dim))
     if kind == "linear":
         dim = max(1, min(dim, LINEAR_MAX_SIZE // length))
     top = MAX_TOUGHNESS[kind] if max_toughness is None else min(max_toughness, MAX_TOUGHNESS[kind])
-    toughness = draw(st.sampled_from((0.0, 0.3, 1.0, top)) | st.floats(0.0, top))
+    typical = tuple(v for v in (0.0, 0.3, 1.0) if v < top) + (top,)
+    toughness = draw(st.sampled_from(typical) | st.floats(0.0, top))
     seed = draw(st.integers(0, 2**31 - 1))
     dtype = draw(st.sampled_from(tuple(dtypes)))
     return make_system(
@@ -211,7 +211,8 @@ def initial_guesses(draw, system: TriangularSystem, kinds: Sequence[str] = GUESS
     ``consistent`` (the solution with position ``k`` moved, and positions after ``k``
     recomputed by forward substitution from the moved value: an adversarial start whose
     suffix already satisfies ``x_t = F(x)_t`` exactly, so a solver that freezes a
-    position merely because its update was zero stops at a wrong answer);
+    position merely because its update was zero stops at a wrong answer; for ``T > 64``
+    it falls back to ``prefix``, to bound the cost);
     ``huge`` (not drawn by default: scale 1e3, overflows ``overflow=True`` systems).
     """
     B, T, _ = system.shape
@@ -238,6 +239,11 @@ def initial_guesses(draw, system: TriangularSystem, kinds: Sequence[str] = GUESS
             x[b, :k] = sol[b, :k]
         elif kind == "near":
             x[b] = sol[b] + 1e-9 * noise[b]
+        elif kind == "consistent" and T > 64:
+            # Too many map evaluations to build; an exact prefix is the closest cheap start.
+            k = draw(st.integers(0, T))
+            x[b] = noise[b]
+            x[b, :k] = sol[b, :k]
         elif kind == "consistent":
             k = draw(st.integers(0, T - 1))
             x[b] = sol[b]
@@ -420,7 +426,7 @@ def assert_batch_independent(
     method: Method,
     *,
     rtol: float | None = None,
-    iterations: bool = True,
+    iterations: bool | None = None,
     samples: Iterable[int] | None = None,
 ) -> None:
     """Assert that a sample's outcome does not depend on the other samples of the batch.
@@ -429,15 +435,22 @@ def assert_batch_independent(
     sample alone) or a factory ``make(indices) -> F`` building the map for those samples.
     Each sample (or those in ``samples``) is solved alone and compared with its row of the
     batched solve: the iterate (to ``rtol``), ``converged`` and the per-sample status, and
-    with ``iterations=True`` the per-sample iteration count (``sample_iterations``) and,
-    per module, that the batch ran exactly as long as its slowest sample.  Exact iteration
-    counts need a map that is batch-independent to the bit (all maps in
-    :mod:`fixedpoint.systems` are): with ``tol = 0`` a rounding difference can settle a
-    position one iteration earlier.
+    with ``iterations`` the per-sample iteration count (``sample_iterations``) and, per
+    module, that the batch ran exactly as long as its slowest sample.
+
+    Exact iteration counts need evaluations that are batch-independent to the bit: with
+    ``tol = 0`` a one-ulp difference can settle a position one iteration earlier.  Plain
+    maps in :mod:`fixedpoint.systems` are; an *incremental* map is not, because the solver
+    evaluates one window for the whole batch, starting at the slowest sample's first
+    unfrozen position, and the window changes the rounding (measured: about one attention
+    case in five differs by one iteration, either way).  So ``iterations=None`` checks the
+    counts unless the map is an :class:`~fixedpoint.IncrementalMap` of its own.
     """
     make = system.select if isinstance(system, TriangularSystem) else system
     B = x0.shape[0]
     full_F = system if isinstance(system, TriangularSystem) else make(list(range(B)))
+    if iterations is None:
+        iterations = not isinstance(full_F, IncrementalMap)
     full = solve(full_F, x0, method)
     picked = range(B) if samples is None else samples
     singles = []

@@ -162,8 +162,13 @@ class Preset:
     description: str
 
 
-# Sizes measured on the 2-core CPU machine this project targets (see the training report
-# in the notes): the times in the descriptions are wall-clock for the whole run.
+# Sized for a 2-core CPU.  Step times (batch 64, forward + backward + AdamW, torch 2.13,
+# 2 threads, otherwise idle machine): digits 50 ms (23 steps/epoch, 100 epochs ~ 2 min);
+# mnist-p4 575 ms (125 steps/epoch over the 8,000 training images: 72 s/epoch, 12 epochs
+# ~ 15 min; the background note's 77 s per 10,000 images agrees); mnist-p2 555 ms
+# (69 s/epoch, 12 epochs ~ 14 min; width 128 would cost 1.9 s/step at T=196).
+# On a machine whose other core is busy, two-thread kernels slow down 4-30x; pass
+# threads=1 (CLI --threads 1) there.
 PRESETS: dict[str, Preset] = {
     "digits": Preset(
         TarFlowConfig(
