@@ -31,8 +31,7 @@ from fixedpoint.tarflow.strategy import Strategy  # noqa: E402
 from . import costmodel  # noqa: E402
 from .common import MODES, Mode, read_json, save_figure, timed, write_json  # noqa: E402
 from .crm_igm import paper_rule  # noqa: E402
-from .lib import SEED, median_time, noise, sample, sequential_strategy, totals, trained  # noqa: E402
-from .speedup import TOL  # noqa: E402
+from .lib import SEED, TOL, median_time, noise, sample, sequential_strategy, totals, trained  # noqa: E402
 
 
 def crossover(batches: list[int], speedups: list[float]) -> float | None:

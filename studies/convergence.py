@@ -20,9 +20,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import fixedpoint as fp  # noqa: E402
+from fixedpoint.benchmark import describe  # noqa: E402
+from fixedpoint.tarflow.sampling import BlockInverse  # noqa: E402
 
 from .common import MODES, Mode, save_figure, timed, write_json  # noqa: E402
-from .lib import BUDGET, SEED, noise, per_block, sample, sequential_strategy, trained  # noqa: E402
+from .lib import BUDGET, GUIDANCE, SEED, TOL, noise, per_block, sample, sequential_strategy, trained  # noqa: E402
 
 BATCH = {"fast": 8, "full": 64}
 MODULES = 4
@@ -42,6 +44,25 @@ def block_curves(result: fp.Result) -> dict[str, list[float]]:
     }
 
 
+def compare_on_block(model, reference, y, block: int) -> list[dict]:
+    """Every method on one block, from that block's input on the sequential trajectory."""
+    from .auto_strategy import block_inputs
+
+    zp = block_inputs(model, reference)[block]
+    fmap = BlockInverse(model, block, zp, y, guidance=GUIDANCE)
+    T = model.config.seq_len
+    methods = [fp.Jacobi(tol=TOL), fp.TriangularAnderson(tol=TOL),
+               fp.Anderson(tol=TOL, max_iter=2 * T)]
+    methods += [fp.GSJacobi(modules=g, tol=TOL) for g in (2, 4, 8) if g < T]
+    rows = []
+    for method in methods:
+        r = fp.solve(fmap, zp, method)
+        rows.append({"method": describe(method), "status": r.status.name,
+                     "dependent_steps": r.dependent_steps, "token_evals": r.token_evals,
+                     "error": float((r.x - reference.blocks[block].x).abs().max())})
+    return rows
+
+
 def run_model(preset: str, mode: Mode) -> dict:
     t = trained(preset, mode)
     model, c = t.model, t.model.config
@@ -54,15 +75,17 @@ def run_model(preset: str, mode: Mode) -> dict:
     tough = max(range(c.blocks), key=lambda k: to_budget[k] or c.seq_len)
 
     methods = [fp.Jacobi()] * c.blocks
-    methods[tough] = fp.GSJacobi(modules=MODULES)
+    methods[tough] = fp.GSJacobi(modules=MODULES, tol=TOL)
     gs = sample(model, z, y, per_block(methods), reference=reference, trace=True)
     gs_curve = block_curves(gs.blocks[tough])
+    tough_table = compare_on_block(model, reference, y, tough)
 
     out = {
         "preset": preset, "seq_len": c.seq_len, "blocks": c.blocks, "batch": len(z),
         "jacobi": curves, "iterations_to_budget": to_budget, "budget": BUDGET,
         "tough_block": tough, "gs_modules": MODULES, "gs_curve": gs_curve,
         "gs_module_iterations": list(gs.blocks[tough].module_iterations),
+        "gs_tol": TOL, "tough_block_methods": tough_table,
     }
     write_json(mode.out_dir / f"convergence-{preset}.json", out, seed=SEED)
     plot(out, mode)
@@ -88,7 +111,8 @@ def plot(out: dict, mode: Mode) -> None:
     for s in starts:
         axes[2].axvline(s + 0.5, color="grey", lw=0.5)
     axes[2].set(xlabel="iteration (all modules in order)", ylabel="max error vs sequential",
-                title=f"block {out['tough_block']}: GS-Jacobi, {out['gs_modules']} modules")
+                title=f"block {out['tough_block']}: GS-Jacobi, {out['gs_modules']} modules, "
+                      f"tol {out['gs_tol']:g}")
     fig.tight_layout()
     save_figure(fig, mode.out_dir / f"convergence-{preset}.png")
     plt.close(fig)

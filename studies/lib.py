@@ -28,6 +28,8 @@ SEED = 0
 # The error budget of the performance targets: max deviation from the sequential
 # samples, for data scaled to [-1, 1].
 BUDGET = 1e-3
+# Tolerance of the tolerance-driven methods (max update per token, data in [-1, 1]).
+TOL = 1e-4
 
 
 @dataclass

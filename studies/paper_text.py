@@ -111,11 +111,14 @@ def render(mode: Mode) -> str:
                          for k, (it, cv) in enumerate(zip(c["iterations_to_budget"],
                                                          c["jacobi"], strict=True))])
             o += [f"### Figure 3: GS-Jacobi per module (block {c['tough_block']})", "",
-                  f"With {c['gs_modules']} modules the tough block needs "
-                  f"{c['gs_module_iterations']} iterations per module "
-                  f"({sum(c['gs_module_iterations'])} in all) against "
-                  f"{len(c['jacobi'][c['tough_block']]['error'])} for plain Jacobi to exact "
-                  "convergence (right panel above).", ""]
+                  f"Right panel above: {c['gs_modules']} modules with tolerance "
+                  f"{c['gs_tol']:g}, iterations per module {c['gs_module_iterations']}. "
+                  "Every method on the tough block alone (its input taken from the "
+                  f"sequential trajectory, tolerance {c['gs_tol']:g}):", ""]
+            o += _table(["method", "status", "dependent steps", "token evals",
+                         "max error vs sequential"],
+                        [[r["method"], r["status"], r["dependent_steps"], r["token_evals"],
+                          f"{r['error']:.1e}"] for r in c["tough_block_methods"]])
         if m:
             o += ["### Table 4: CRM and IGM (`python -m studies.crm_igm`)", "", m["markdown"], ""]
             rho = m["spearman_crm_vs_iterations"]
@@ -205,11 +208,17 @@ def render(mode: Mode) -> str:
         c = conv[p]
         if c:
             k = c["tough_block"]
-            jac = len(c["jacobi"][k]["error"])
-            gs = sum(c["gs_module_iterations"])
-            rows.append([f"tough block {k}: modules vs Jacobi dependent steps (exact)", p,
-                         ">= 1.5x fewer", f"{jac / gs:.2f}x", "met" if jac / gs >= 1.5 else
-                         "missed"])
+            rows_c = c["tough_block_methods"]
+            jac = next(r for r in rows_c if r["method"].startswith("Jacobi"))
+            others = [r for r in rows_c if not r["method"].startswith("Jacobi")
+                      and r["status"] == "SUCCESS" and r["error"] <= c["budget"]]
+            if others:
+                best = min(others, key=lambda r: r["dependent_steps"])
+                gain = jac["dependent_steps"] / best["dependent_steps"]
+                rows.append([f"tough block {k}: fewer dependent steps than Jacobi "
+                             f"(tol {c['gs_tol']:g})", p, ">= 1.5x",
+                             f"{gain:.2f}x ({best['method']}: {best['dependent_steps']} vs "
+                             f"{jac['dependent_steps']})", "met" if gain >= 1.5 else "missed"])
         sc = scale[p]
         if sc:
             err = sc["mean_abs_prediction_error"]

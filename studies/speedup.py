@@ -30,6 +30,7 @@ from .crm_igm import paper_rule
 from .lib import (
     BUDGET,
     SEED,
+    TOL,
     deviation,
     median_time,
     noise,
@@ -38,8 +39,6 @@ from .lib import (
     totals,
     trained,
 )
-
-TOL = 1e-4  # tolerance of the tolerance-driven methods (tokens, data in [-1, 1])
 
 PUBLISHED = [
     # model, For time, For FID, strategy, GS-J time, GS-J FID, speed-up
