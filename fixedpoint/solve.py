@@ -1,13 +1,14 @@
 """One iteration driver for every method.
 
-Sequential, Jacobi, GS-Jacobi and triangular Anderson are all "modules solved in
-order, each by a triangular iteration": sequential is ``T`` modules of width one,
-Jacobi is one module.  Inside a module each sample keeps a pointer ``p``: positions
-before it are frozen.  After every iteration the first unfrozen position is exact (its
-inputs were frozen when it was evaluated), so it freezes, and so does every following
-position whose update met the tolerance.  Hence at most ``width`` iterations per module.
+Jacobi, GS-Jacobi and triangular Anderson are all "modules solved in order, each by a
+triangular iteration": Jacobi is one module.  Inside a module each sample keeps a
+pointer ``p``: positions before it are frozen.  After every iteration a position freezes
+once all the inputs it was just computed from had settled; the first unfrozen position
+always qualifies (its inputs were frozen), hence at most ``width`` iterations per module.
 
-Anderson mixes positions, loses that structure, and has its own loop below.
+Sequential is the same thing with ``T`` modules of width one, run by a lean loop because
+it is the baseline of every speed-up.  Anderson mixes positions, loses the triangular
+structure, and has its own loop.
 """
 
 from __future__ import annotations
