@@ -24,7 +24,15 @@ IDS = [path.name for path in NOTEBOOKS]
 
 # The package's public modules; everything else (fixedpoint.solve, .methods, ...) is an
 # implementation detail that notebooks must not reach into.
-PUBLIC_MODULES = {"fixedpoint", "fixedpoint.systems", "fixedpoint.testing"}
+PUBLIC_MODULES = {
+    "fixedpoint",
+    "fixedpoint.systems",
+    "fixedpoint.testing",
+    "fixedpoint.tarflow",
+    "fixedpoint.tarflow.checkpoint",
+    "fixedpoint.tarflow.data",
+    "fixedpoint.tarflow.train",
+}
 PUBLIC_NAMES = set(fixedpoint.__all__) | {"systems", "testing", "__version__"}
 
 
