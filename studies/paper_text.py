@@ -114,11 +114,13 @@ def render(mode: Mode) -> str:
                   f"Right panel above: {c['gs_modules']} modules with tolerance "
                   f"{c['gs_tol']:g}, iterations per module {c['gs_module_iterations']}. "
                   "Every method on the tough block alone (its input taken from the "
-                  f"sequential trajectory, tolerance {c['gs_tol']:g}):", ""]
+                  "sequential trajectory, 16 samples): the fewest dependent steps over "
+                  f"tolerances 1e-3 to 0 that keep the max error within {c['budget']:g}:", ""]
             o += _table(["method", "status", "dependent steps", "token evals",
                          "max error vs sequential"],
                         [[r["method"], r["status"], r["dependent_steps"], r["token_evals"],
-                          f"{r['error']:.1e}"] for r in c["tough_block_methods"]])
+                          "-" if r["error"] is None else f"{r['error']:.1e}"]
+                         for r in c["tough_block_methods"]])
         if m:
             o += ["### Table 4: CRM and IGM (`python -m studies.crm_igm`)", "", m["markdown"], ""]
             rho = m["spearman_crm_vs_iterations"]
@@ -211,12 +213,12 @@ def render(mode: Mode) -> str:
             rows_c = c["tough_block_methods"]
             jac = next(r for r in rows_c if r["method"].startswith("Jacobi"))
             others = [r for r in rows_c if not r["method"].startswith("Jacobi")
-                      and r["status"] == "SUCCESS" and r["error"] <= c["budget"]]
-            if others:
+                      and r["dependent_steps"] is not None]
+            if others and jac["dependent_steps"] is not None:
                 best = min(others, key=lambda r: r["dependent_steps"])
                 gain = jac["dependent_steps"] / best["dependent_steps"]
                 rows.append([f"tough block {k}: fewer dependent steps than Jacobi "
-                             f"(tol {c['gs_tol']:g})", p, ">= 1.5x",
+                             f"(max error <= {c['budget']:g})", p, ">= 1.5x",
                              f"{gain:.2f}x ({best['method']}: {best['dependent_steps']} vs "
                              f"{jac['dependent_steps']})", "met" if gain >= 1.5 else "missed"])
         sc = scale[p]
