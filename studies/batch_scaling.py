@@ -31,7 +31,7 @@ from fixedpoint.tarflow.strategy import Strategy  # noqa: E402
 from . import costmodel  # noqa: E402
 from .common import MODES, Mode, read_json, save_figure, timed, write_json  # noqa: E402
 from .crm_igm import paper_rule  # noqa: E402
-from .lib import SEED, TOL, median_time, noise, sample, sequential_strategy, totals, trained  # noqa: E402
+from .lib import SEED, TOL, interleaved_times, noise, sample, sequential_strategy, totals, trained  # noqa: E402
 
 
 def crossover(batches: list[int], speedups: list[float]) -> float | None:
@@ -61,11 +61,12 @@ def run_model(preset: str, mode: Mode) -> dict:
                                  for name in plans}
     for b in batches:
         z, y = noise(model, b, seed=SEED)
+        times = interleaved_times({name: partial(sample, model, z, y, strategy)
+                                   for name, strategy in plans.items()}, mode.repeats)
         for name, strategy in plans.items():
             tt = totals(sample(model, z, y, strategy))
             m = measured[name]
-            run = partial(sample, model, z, y, strategy)
-            m["time"].append(median_time(run, mode.repeats))
+            m["time"].append(times[name])
             m["steps"].append(tt["dependent_steps"])
             m["tokens"].append(tt["token_evals"])
             m["predicted"].append(cost.predict(tt["dependent_steps"], tt["token_evals"]))

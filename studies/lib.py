@@ -97,6 +97,24 @@ def median_time(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
+def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median wall-clock seconds of each function, timed round-robin.
+
+    One warm-up call each, then ``repeats`` rounds that call every function once, so
+    slow drifts of the machine (allocator state, frequency, other processes) hit every
+    strategy alike instead of whichever happened to be measured first.
+    """
+    for fn in fns.values():
+        fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
 def deviation(a: Tensor, b: Tensor) -> dict[str, float]:
     d = (a - b).abs()
     return {"max": float(d.max()), "mean": float(d.mean())}

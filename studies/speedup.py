@@ -16,6 +16,7 @@ seeds.  The cost model's prediction of each wall-clock is stored beside it.
 from __future__ import annotations
 
 import argparse
+from functools import partial
 
 import torch
 
@@ -32,7 +33,7 @@ from .lib import (
     SEED,
     TOL,
     deviation,
-    median_time,
+    interleaved_times,
     noise,
     sample,
     sequential_strategy,
@@ -97,19 +98,20 @@ def run_model(preset: str, mode: Mode) -> dict:
     for name, strategy in plans.items():
         with timed(f"{preset}: {name}"):
             s = reference if name == "sequential" else sample(model, z, y, strategy, denoise=True)
-            row = {"strategy": name, "spec": strategy.describe(), **totals(s),
-                   "deviation": deviation(s.x, reference.x),
-                   "fcd": meter.frechet(s.x), "accuracy": meter.accuracy(s.x, y)}
-            for b in timing_batches:
-                zb, yb = noise(model, b, seed=SEED)
-                row[f"time_b{b}"] = median_time(lambda s=strategy, zb=zb, yb=yb:
-                                                sample(model, zb, yb, s), mode.repeats)
-                sb = sample(model, zb, yb, strategy)
-                tb = totals(sb)
-                row[f"steps_b{b}"] = tb["dependent_steps"]
-                row[f"tokens_b{b}"] = tb["token_evals"]
-                row[f"predicted_b{b}"] = cost[b].predict(tb["dependent_steps"], tb["token_evals"])
-            rows.append(row)
+            rows.append({"strategy": name, "spec": strategy.describe(), **totals(s),
+                         "deviation": deviation(s.x, reference.x),
+                         "fcd": meter.frechet(s.x), "accuracy": meter.accuracy(s.x, y)})
+    for b in timing_batches:
+        zb, yb = noise(model, b, seed=SEED)
+        with timed(f"{preset}: wall-clock at batch {b}"):
+            times = interleaved_times({name: partial(sample, model, zb, yb, strategy)
+                                       for name, strategy in plans.items()}, mode.repeats)
+        for row, strategy in zip(rows, plans.values(), strict=True):
+            tb = totals(sample(model, zb, yb, strategy))
+            row[f"time_b{b}"] = times[row["strategy"]]
+            row[f"steps_b{b}"] = tb["dependent_steps"]
+            row[f"tokens_b{b}"] = tb["token_evals"]
+            row[f"predicted_b{b}"] = cost[b].predict(tb["dependent_steps"], tb["token_evals"])
     for row in rows:
         for b in timing_batches:
             row[f"speedup_b{b}"] = rows[0][f"time_b{b}"] / row[f"time_b{b}"]
