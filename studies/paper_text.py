@@ -202,8 +202,13 @@ def render(mode: Mode) -> str:
                 if name == "sequential":
                     continue
                 cross = v["crossover_batch"]
-                rows.append([name, " / ".join(f"{x:.2f}" for x in v["speedup"]),
-                             "none in range" if cross is None else f"{cross:.1f}",
+                if cross is not None:
+                    cross_text = f"{cross:.1f}"
+                elif v["speedup"][0] < 1:
+                    cross_text = "none: sequential faster at every batch size"
+                else:
+                    cross_text = "none: parallel faster at every batch size"
+                rows.append([name, " / ".join(f"{x:.2f}" for x in v["speedup"]), cross_text,
                              " / ".join(f"{x:.2f}" for x in v["latency_bound_speedup"])])
             o += [f"Batch sizes {sc['batches']}.", ""]
             o += _table(["strategy", "CPU speed-up per batch size", "crossover batch",
