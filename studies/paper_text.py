@@ -293,8 +293,9 @@ def render(mode: Mode) -> str:
                          f"{100 * err:.0f}%", "met" if err <= 0.25 else "missed"])
     o += _table(["target", "model", "goal", "measured", "verdict"], rows)
     if run:
-        o += [f"Wall-clock of this `{run.get('mode')}` run: {run['wall_clock_s'] / 60:.1f} "
-              "minutes (training included when not cached).", ""]
+        o += [f"The last `studies.reproduce` invocation ({run.get('mode')} mode; a run may "
+              f"resume or select studies with `--only`) took {run['wall_clock_s'] / 60:.1f} "
+              "minutes; per-step seconds (training is near zero when cached):", ""]
         o += ["```", json.dumps(run.get("timings_s", {}), indent=1), "```", ""]
     o += [Path(__file__).with_name("discussion.md").read_text()]
     return "\n".join(o) + "\n"
