@@ -14,7 +14,6 @@ of dependent steps).
 
 from __future__ import annotations
 
-import argparse
 import math
 from functools import partial
 
@@ -29,7 +28,7 @@ from fixedpoint.tarflow.metrics import BlockMetrics  # noqa: E402
 from fixedpoint.tarflow.strategy import Strategy  # noqa: E402
 
 from . import costmodel  # noqa: E402
-from .common import MODES, Mode, read_json, save_figure, timed, write_json  # noqa: E402
+from .common import Mode, read_json, save_figure, study_main, timed, write_json  # noqa: E402
 from .crm_igm import paper_rule  # noqa: E402
 from .lib import SEED, TOL, interleaved_times, noise, sample, sequential_strategy, totals, trained  # noqa: E402
 
@@ -116,13 +115,7 @@ def plot(out: dict, mode: Mode) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=MODES, default="fast")
-    args = parser.parse_args(argv)
-    mode = MODES[args.mode]
-    for preset in mode.models:
-        with timed(f"batch scaling {preset}"):
-            run_model(preset, mode)
+    study_main(__doc__, run_model, "batch_scaling", argv)
 
 
 if __name__ == "__main__":

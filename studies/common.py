@@ -9,6 +9,7 @@ reuses them and an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -192,3 +193,15 @@ def timed(label: str) -> Iterator[None]:
     print(f"[{label}] ...", flush=True)
     yield
     print(f"[{label}] done in {time.perf_counter() - start:.1f} s", flush=True)
+
+
+def study_main(doc: str, run: Callable[[str, Mode], object], label: str,
+               argv: list[str] | None = None) -> None:
+    """The command line every study script shares: ``--mode``, then each model in turn."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--mode", choices=MODES, default="fast")
+    args = parser.parse_args(argv)
+    mode = MODES[args.mode]
+    for preset in mode.models:
+        with timed(f"{label} {preset}"):
+            run(preset, mode)

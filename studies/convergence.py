@@ -12,8 +12,6 @@ with GS-Jacobi modules and traced per module.
 
 from __future__ import annotations
 
-import argparse
-
 import matplotlib
 
 matplotlib.use("Agg")
@@ -23,7 +21,7 @@ import fixedpoint as fp  # noqa: E402
 from fixedpoint.benchmark import describe  # noqa: E402
 from fixedpoint.tarflow.sampling import BlockInverse  # noqa: E402
 
-from .common import MODES, Mode, save_figure, timed, write_json  # noqa: E402
+from .common import Mode, save_figure, study_main, write_json  # noqa: E402
 from .lib import BUDGET, GUIDANCE, SEED, TOL, noise, per_block, sample, sequential_strategy, trained  # noqa: E402
 
 BATCH = {"fast": 8, "full": 64}
@@ -144,13 +142,7 @@ def plot(out: dict, mode: Mode) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=MODES, default="fast")
-    args = parser.parse_args(argv)
-    mode = MODES[args.mode]
-    for preset in mode.models:
-        with timed(f"convergence {preset}"):
-            run_model(preset, mode)
+    study_main(__doc__, run_model, "convergence", argv)
 
 
 if __name__ == "__main__":

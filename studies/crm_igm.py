@@ -11,7 +11,6 @@ the Jacobi iterations each block needs to reach the error budget (from
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 
 import torch
@@ -20,7 +19,7 @@ from scipy.stats import spearmanr
 from fixedpoint.tarflow.metrics import crm_igm_table, format_table
 from fixedpoint.tarflow.strategy import select_strategy
 
-from .common import MODES, Mode, read_json, timed, write_json
+from .common import Mode, read_json, study_main, write_json
 from .lib import GUIDANCE, SEED, trained
 
 PUBLISHED_CRM = {
@@ -73,13 +72,7 @@ def run_model(preset: str, mode: Mode) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=MODES, default="fast")
-    args = parser.parse_args(argv)
-    mode = MODES[args.mode]
-    for preset in mode.models:
-        with timed(f"crm/igm {preset}"):
-            run_model(preset, mode)
+    study_main(__doc__, run_model, "crm_igm", argv)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,6 @@
 
 from __future__ import annotations
 
-import argparse
-
 import matplotlib
 
 matplotlib.use("Agg")
@@ -18,7 +16,7 @@ from fixedpoint.quality import QualityMeter  # noqa: E402
 from fixedpoint.tarflow.metrics import BlockMetrics  # noqa: E402
 from fixedpoint.tarflow.strategy import InitialGuess  # noqa: E402
 
-from .common import CACHE, MODES, Mode, read_json, save_figure, timed, write_json  # noqa: E402
+from .common import CACHE, Mode, read_json, save_figure, study_main, write_json  # noqa: E402
 from .lib import (  # noqa: E402
     SEED,
     deviation,
@@ -72,13 +70,7 @@ def initial_guess_study(preset: str, mode: Mode) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=MODES, default="fast")
-    args = parser.parse_args(argv)
-    mode = MODES[args.mode]
-    for preset in mode.models:
-        with timed("initial_guess " + preset):
-            initial_guess_study(preset, mode)
+    study_main(__doc__, initial_guess_study, "initial_guess", argv)
 
 
 if __name__ == "__main__":

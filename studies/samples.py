@@ -5,8 +5,6 @@
 
 from __future__ import annotations
 
-import argparse
-
 import matplotlib
 
 matplotlib.use("Agg")
@@ -14,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from fixedpoint.tarflow.metrics import BlockMetrics  # noqa: E402
 
-from .common import MODES, Mode, read_json, save_figure, timed  # noqa: E402
+from .common import Mode, read_json, save_figure, study_main  # noqa: E402
 from .crm_igm import paper_rule  # noqa: E402
 from .lib import (  # noqa: E402
     noise,
@@ -54,13 +52,7 @@ def samples_figure(preset: str, mode: Mode) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=MODES, default="fast")
-    args = parser.parse_args(argv)
-    mode = MODES[args.mode]
-    for preset in mode.models:
-        with timed("samples " + preset):
-            samples_figure(preset, mode)
+    study_main(__doc__, samples_figure, "samples", argv)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ seeds.  The cost model's prediction of each wall-clock is stored beside it.
 
 from __future__ import annotations
 
-import argparse
 from functools import partial
 
 import torch
@@ -26,7 +25,7 @@ from fixedpoint.tarflow.metrics import BlockMetrics
 from fixedpoint.tarflow.strategy import InitialGuess, Strategy
 
 from . import auto_strategy, costmodel
-from .common import CACHE, MODES, Mode, read_json, timed, write_json
+from .common import CACHE, Mode, read_json, study_main, timed, write_json
 from .crm_igm import paper_rule
 from .lib import (
     BUDGET,
@@ -150,12 +149,7 @@ def markdown(out: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=MODES, default="fast")
-    args = parser.parse_args(argv)
-    mode = MODES[args.mode]
-    for preset in mode.models:
-        run_model(preset, mode)
+    study_main(__doc__, run_model, "speedup", argv)
 
 
 if __name__ == "__main__":

@@ -5,15 +5,13 @@
 
 from __future__ import annotations
 
-import argparse
-
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from .common import MODES, Mode, save_figure, timed  # noqa: E402
+from .common import Mode, save_figure, study_main  # noqa: E402
 from .lib import (  # noqa: E402
     noise,
     sample,
@@ -47,13 +45,7 @@ def trace_figure(preset: str, mode: Mode) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=MODES, default="fast")
-    args = parser.parse_args(argv)
-    mode = MODES[args.mode]
-    for preset in mode.models:
-        with timed("trace " + preset):
-            trace_figure(preset, mode)
+    study_main(__doc__, trace_figure, "trace", argv)
 
 
 if __name__ == "__main__":
