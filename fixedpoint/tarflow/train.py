@@ -163,12 +163,12 @@ class Preset:
 
 
 # Sized for a 2-core CPU.  Step times (batch 64, forward + backward + AdamW, torch 2.13,
-# 2 threads, otherwise idle machine): digits 50 ms (23 steps/epoch, 100 epochs ~ 2 min);
-# mnist-p4 575 ms (125 steps/epoch over the 8,000 training images: 72 s/epoch, 12 epochs
-# ~ 15 min; the background note's 77 s per 10,000 images agrees); mnist-p2 555 ms
-# (69 s/epoch, 12 epochs ~ 14 min; width 128 would cost 1.9 s/step at T=196).
-# On a machine whose other core is busy, two-thread kernels slow down 4-30x; pass
-# threads=1 (CLI --threads 1) there.
+# idle machine, 2 threads / 1 thread): digits 53 / 70 ms (23 steps per epoch: 100 epochs
+# ~ 2 min); mnist-p4 555 / 1030 ms (125 steps per epoch over the 8,000 training images:
+# 69 s/epoch, 12 epochs ~ 14 min; the background note's 77 s per 10,000 images agrees);
+# mnist-p2 441 / 761 ms (55 s/epoch, 12 epochs ~ 11 min; width 128 would cost 1.9 s/step
+# at T=196).  When another process keeps a core busy, two-thread kernels slow down 4-30x:
+# pass threads=1 (CLI --threads 1) there.
 PRESETS: dict[str, Preset] = {
     "digits": Preset(
         TarFlowConfig(
