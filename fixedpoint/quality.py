@@ -42,7 +42,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 import warnings
 import zipfile
@@ -58,6 +57,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fixedpoint.tarflow.data import Dataset
+
+from .atomic import atomic_torch_save
 
 __all__ = [
     "CACHE_FORMAT",
@@ -314,35 +315,6 @@ def _num_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _umask() -> int:
-    mask = os.umask(0)  # the only portable way to read it is to set it and restore it
-    os.umask(mask)
-    return mask
-
-
-def _atomic_save(payload: dict[str, Any], path: Path) -> None:
-    """torch.save to a temp file in the target directory, then os.replace into place.
-
-    A reader (or a concurrent trainer of the same classifier) therefore sees either the
-    old complete file or the new complete file, never a partial one.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def _short(exc: BaseException) -> str:
     lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
@@ -474,7 +446,7 @@ def train_classifier(
         "cache_path": None if path is None else str(path),
     }
     if path is not None:
-        _atomic_save(
+        atomic_torch_save(
             {
                 "format": CACHE_FORMAT,
                 "format_version": CACHE_FORMAT_VERSION,

@@ -23,7 +23,6 @@ from __future__ import annotations
 import os
 import platform
 import random
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fixedpoint.atomic import atomic_torch_save
 from fixedpoint.tarflow.model import TarFlow, TarFlowConfig
 
 __all__ = [
@@ -73,12 +73,6 @@ def _versions() -> dict[str, str]:
         "numpy": str(np.__version__),
         "python": platform.python_version(),
     }
-
-
-def _umask() -> int:
-    mask = os.umask(0)  # the only portable way to read it is to set it and restore it
-    os.umask(mask)
-    return mask
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -183,24 +177,7 @@ def save_checkpoint(
         "extra": dict(extra or {}),
         "versions": _versions(),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Same directory as the target, so os.replace is a rename within one file system.
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp creates the file 0600; give the checkpoint the usual umask permissions.
-        os.chmod(tmp_name, 0o666 & ~_umask())
-        os.replace(tmp_name, path)
-    except BaseException:
-        # Also on KeyboardInterrupt: never leave the temporary file behind.
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_torch_save(payload, path)
     return path
 
 
