@@ -6,6 +6,9 @@ Commands:
 * ``sample``  sample from a checkpoint with a solver strategy, write a PNG grid and print
   the per-block cost table;
 * ``metrics`` print the CRM / IGM table of a checkpoint on training images;
+* ``generate`` many samples in shards, resumable, optionally scored (FCD, accuracy); under
+  ``torchrun`` the shards are spread over the processes;
+* ``convert`` a published TarFlow state dict into a checkpoint;
 * ``demo``    the solver demonstration (``fixedpoint.demo``), if installed.
 
 User errors (missing checkpoint or data, malformed strategy, bad option values) print one
@@ -32,6 +35,8 @@ PROG = "fixedpoint"
 METHOD_NAMES = ("sequential", "jacobi", "gs-jacobi", "anderson", "triangular-anderson")
 # The preset whose default output directory a dataset's commands look in.
 DEFAULT_PRESET = {"digits": "digits", "mnist": "mnist-p4"}
+# Where `generate --metrics` caches the feature classifier of the Frechet distance.
+CLASSIFIER_CACHE = ".cache/classifiers"
 
 
 class UserError(Exception):
@@ -54,7 +59,9 @@ def _common_parser() -> argparse.ArgumentParser:
                        help="checkpoint to read (sample, metrics) or write (train); default "
                             ".cache/runs/<preset>/checkpoint.pt")
     group.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    group.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    group.add_argument("--device", default="cpu",
+                       help="cpu, cuda (under torchrun: the GPU of the local rank), cuda:N or "
+                            "auto (CUDA if available); default cpu")
     group.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                        help="compute dtype for sampling and metrics; bfloat16 = autocast "
                             "(default float32)")
@@ -63,6 +70,30 @@ def _common_parser() -> argparse.ArgumentParser:
                             "another process keeps the other core busy)")
     group.add_argument("--quiet", action="store_true", help="no progress bars or notes")
     return common
+
+
+def _sampling_parser() -> argparse.ArgumentParser:
+    """Sampling options shared by ``sample`` and ``generate``."""
+    sampling = argparse.ArgumentParser(add_help=False)
+    group = sampling.add_argument_group("sampling options")
+    group.add_argument("--strategy", default="sequential",
+                       help="a method name (" + ", ".join(METHOD_NAMES) + ") for every block, "
+                            "or a paper-style spec such as '[6-8-32-10]' (default sequential)")
+    group.add_argument("--modules", type=int, default=4,
+                       help="module count when --strategy is gs-jacobi (default 4)")
+    group.add_argument("--tol", type=float, default=0.0,
+                       help="absolute tolerance for the iterative methods (default 0: iterate "
+                            "to the cap or exact finite termination; anderson keeps its own "
+                            "1e-6); in bfloat16 raised to the dtype's noise floor")
+    group.add_argument("--guidance", type=float, default=0.0, help="CFG strength (default 0)")
+    group.add_argument("--labels", default=None,
+                       help="comma-separated class labels (cycled over the samples), or 'none' "
+                            "for unconditional; default 0,1,2,... for class-conditional models")
+    group.add_argument("--anneal-guidance", action="store_true",
+                       help="anneal the CFG strength along the sequence, g_t = g t / (T - 1)")
+    group.add_argument("--denoise", action="store_true",
+                       help="finish with one score-based denoising step")
+    return sampling
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,28 +120,48 @@ def build_parser() -> argparse.ArgumentParser:
                        ("--lr", float), ("--warmup", int), ("--checkpoint-every", int)):
         sizes.add_argument(flag, type=kind, default=None)
 
-    p = sub.add_parser("sample", parents=[common], help="sample from a checkpoint",
+    sampling = _sampling_parser()
+    p = sub.add_parser("sample", parents=[common, sampling], help="sample from a checkpoint",
                        description="Sample with a solver strategy; writes a PNG grid and "
                                    "prints the per-block cost table.")
-    p.add_argument("--strategy", default="sequential",
-                   help="a method name (" + ", ".join(METHOD_NAMES) + ") for every block, "
-                        "or a paper-style spec such as '[6-8-32-10]' (default sequential)")
-    p.add_argument("--modules", type=int, default=4,
-                   help="module count when --strategy is gs-jacobi (default 4)")
-    p.add_argument("--tol", type=float, default=0.0,
-                   help="absolute tolerance for the iterative methods (default 0: iterate to "
-                        "the cap or exact finite termination; anderson keeps its own 1e-6)")
     p.add_argument("--batch", type=int, default=16, help="number of samples (default 16)")
-    p.add_argument("--guidance", type=float, default=0.0, help="CFG strength (default 0)")
-    p.add_argument("--labels", default=None,
-                   help="comma-separated class labels (cycled to the batch), or 'none' for "
-                        "unconditional; default 0,1,2,... for class-conditional models")
-    p.add_argument("--anneal-guidance", action="store_true",
-                   help="anneal the CFG strength along the sequence, g_t = g t / (T - 1)")
-    p.add_argument("--denoise", action="store_true",
-                   help="finish with one score-based denoising step")
     p.add_argument("--out", default="samples.png", help="PNG file (default samples.png)")
     p.add_argument("--nrow", type=int, default=None, help="images per grid row")
+
+    p = sub.add_parser(
+        "generate", parents=[common, sampling],
+        help="many samples in shards, optionally scored; runs under torchrun",
+        description="Sample --num-samples images in shards of --shard-size (each shard one "
+                    "batch, each sample's noise seeded by its global index), optionally "
+                    "score them (FCD, accuracy). Launch with `torchrun --nproc_per_node=N` "
+                    "to shard across processes (gloo on CPU, nccl on CUDA); a plain run is "
+                    "one process. Rerunning the same command skips finished shards.")
+    p.add_argument("--num-samples", type=int, default=256, help="samples in all (default 256)")
+    p.add_argument("--shard-size", type=int, default=64,
+                   help="samples per shard = batch size (default 64); results do not depend "
+                        "on the number of processes, but do on this")
+    p.add_argument("--out-dir", default="generated", metavar="DIR",
+                   help="output directory shared by all ranks (default ./generated)")
+    p.add_argument("--metrics", action="store_true",
+                   help="score the samples: Frechet classifier distance (not FID) and "
+                        "conditional accuracy, with a classifier trained here and cached in "
+                        f"{CLASSIFIER_CACHE}")
+    p.add_argument("--no-merge", action="store_true",
+                   help="keep the shards only; do not write DIR/samples.pt")
+
+    p = sub.add_parser(
+        "convert", help="convert a published TarFlow state dict into a checkpoint",
+        description="Read a state dict in the published TarFlow layout (a .pth file of "
+                    "tensors), infer the configuration from its shapes and write a "
+                    "fixedpoint checkpoint that sample / generate / metrics can use.")
+    p.add_argument("published", metavar="STATE_DICT", help="the published .pth file")
+    p.add_argument("--out", required=True, metavar="PATH", help="checkpoint to write")
+    p.add_argument("--channels", type=int, default=3, help="image channels (default 3)")
+    p.add_argument("--head-dim", type=int, default=64, help="attention head size (default 64)")
+    p.add_argument("--noise-std", type=float, required=True,
+                   help="the model's training noise sigma (the last number of the published "
+                        "name, e.g. 0.07 for AFHQ 8-768-8-8-0.07)")
+    p.add_argument("--quiet", action="store_true", help="no notes")
 
     p = sub.add_parser("metrics", parents=[common], help="CRM / IGM table of a checkpoint",
                        description="Convergence-ranking (CRM) and initial-guess (IGM) "
@@ -137,6 +188,8 @@ def _note(args: argparse.Namespace, message: str) -> None:
 def _device(args: argparse.Namespace) -> Any:
     import torch
 
+    if args.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(args.device)
     except (RuntimeError, ValueError) as exc:
@@ -169,7 +222,7 @@ def _default_checkpoint(dataset: str | None) -> Path:
     return preset.train.checkpoint_path
 
 
-def _load(args: argparse.Namespace) -> tuple[Any, Any]:
+def _load(args: argparse.Namespace, device: Any = None) -> tuple[Any, Any]:
     """(checkpoint, model) from --checkpoint or the dataset's default run."""
     from fixedpoint.tarflow.checkpoint import load_checkpoint
 
@@ -181,7 +234,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
         )
         raise UserError(f"no checkpoint at {path}{hint}")
     ckpt = load_checkpoint(path)
-    model = ckpt.build_model().to(device=_device(args))
+    model = ckpt.build_model().to(device=device if device is not None else _device(args))
     return ckpt, model
 
 
@@ -429,6 +482,125 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from fixedpoint.distributed import DistributedError, launch
+
+    for flag, value in (("--num-samples", args.num_samples), ("--shard-size", args.shard_size)):
+        if value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
+    try:
+        with launch(args.device) as ctx:
+            return _generate(args, ctx)
+    except DistributedError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _generate(args: argparse.Namespace, ctx: Any) -> int:
+    import torch
+
+    from fixedpoint.tarflow.generate import GenerationError, GenerationSpec, generate
+
+    ckpt, model = _load(args, ctx.device)
+    config = model.config
+    strategy = _strategy(args, config)
+    # One label per class by default, else the given list; either is cycled over the
+    # global sample index.
+    given = [v for v in (args.labels or "").split(",") if v.strip()]
+    labels = _labels(args.labels, len(given) or max(config.num_classes, 1), config.num_classes)
+    spec = GenerationSpec(
+        num_samples=args.num_samples, shard_size=args.shard_size, seed=args.seed,
+        guidance=args.guidance, anneal_guidance=args.anneal_guidance, denoise=args.denoise,
+        labels=None if labels is None else tuple(labels.tolist()),
+    )
+    meter = _meter(args, ckpt, ctx) if args.metrics else None
+    if ctx.is_main:
+        _note(args, f"generating {spec.num_samples} samples in {spec.num_shards} shards of "
+                    f"{spec.shard_size} on {ctx.world_size} process(es) ({ctx.device}, "
+                    f"{args.dtype}), strategy {strategy}")
+    try:
+        report = generate(
+            model, spec, args.out_dir, strategy=strategy, context=ctx, meter=meter,
+            autocast_dtype=torch.bfloat16 if args.dtype == "bfloat16" else None,
+            checkpoint=ckpt.path, progress=not args.quiet, merge=not args.no_merge,
+        )
+    except GenerationError as exc:
+        # Every rank raises the same error; one copy of the message is enough.
+        if ctx.is_main:
+            print(f"{PROG} generate: error: {exc}", file=sys.stderr)
+        return 1
+    if ctx.is_main:
+        _print_generation(report, args)
+    return 0
+
+
+def _meter(args: argparse.Namespace, ckpt: Any, ctx: Any) -> Any:
+    """The FCD meter; the main rank trains (or loads) the cached classifier first."""
+    from fixedpoint.quality import QualityMeter
+
+    data = _dataset_for(args, ckpt)
+    meter = None
+    if ctx.is_main:
+        meter = QualityMeter.for_dataset(data, cache_dir=CLASSIFIER_CACHE,
+                                         progress=not args.quiet)
+    ctx.barrier()
+    if meter is None:
+        meter = QualityMeter.for_dataset(data, cache_dir=CLASSIFIER_CACHE)
+    return meter
+
+
+def _print_generation(report: Any, args: argparse.Namespace) -> None:
+    r = report
+    print(f"{r.num_samples} samples in {r.shards_total} shards of {r.shard_size} on "
+          f"{r.world_size} process(es): {r.shards_sampled} sampled now, "
+          f"{r.shards_skipped} already done")
+    times = ", ".join(f"{t:.2f}" for t in r.rank_seconds)
+    rate = r.samples_per_second
+    print(f"sampling time per rank (s): {times}; slowest rank {r.slowest_rank}: "
+          f"{r.slowest_rank_seconds:.2f} s"
+          + (f" ({rate:.1f} samples/s)" if rate else ""))
+    print(f"cost of the shards sampled now: {r.dependent_steps:,} dependent steps, "
+          f"{r.token_evals:,} token evaluations")
+    if r.fcd is not None:
+        acc = "" if r.accuracy is None else f", conditional accuracy {r.accuracy:.4f}"
+        print(f"Frechet classifier distance (FCD, not FID) over {r.num_samples} samples: "
+              f"{r.fcd:.4f}{acc}")
+    if r.samples_path:
+        print(f"samples: {r.samples_path}")
+    print(f"report: {Path(r.out_dir) / 'report.json'}")
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    import torch
+
+    from fixedpoint.tarflow.checkpoint import save_checkpoint
+    from fixedpoint.tarflow.model import TarFlow
+
+    path = Path(args.published)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"{path}: not a readable torch state dict ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]  # some releases wrap the weights in {"model": ...}
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
+                                              for v in state.values()):
+        raise UserError(f"{path}: expected a state dict of tensors")
+    try:
+        model = TarFlow.from_published_state_dict(
+            state, channels=args.channels, head_dim=args.head_dim, noise_std=args.noise_std)
+    except (ValueError, KeyError) as exc:
+        raise UserError(f"{path}: {exc}") from None
+    out = save_checkpoint(args.out, model, extra={"converted_from": str(path.resolve())})
+    c = model.config
+    print(f"{path.name}: image {c.image_size}, patch {c.patch_size} (T={c.seq_len}), width "
+          f"{c.width}, {c.blocks} blocks x {c.layers} layers, {c.num_classes} classes, "
+          f"{sum(p.numel() for p in model.parameters()):,} parameters -> {out}")
+    return 0
+
+
 def cmd_demo(argv: list[str]) -> int:
     if importlib.util.find_spec("fixedpoint.demo") is None:
         print(f"{PROG} demo: the solver demonstration (fixedpoint.demo) is not available in "
@@ -439,7 +611,8 @@ def cmd_demo(argv: list[str]) -> int:
     return result if isinstance(result, int) else 0
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "metrics": cmd_metrics}
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "metrics": cmd_metrics,
+            "generate": cmd_generate, "convert": cmd_convert}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -454,12 +627,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fixedpoint.tarflow.train import TrainError
 
     try:
-        if args.threads is not None:
-            if args.threads < 1:
-                raise UserError(f"--threads must be >= 1, got {args.threads}")
+        threads = getattr(args, "threads", None)
+        if threads is not None:
+            if threads < 1:
+                raise UserError(f"--threads must be >= 1, got {threads}")
             import torch
 
-            torch.set_num_threads(args.threads)
+            torch.set_num_threads(threads)
         return COMMANDS[args.command](args)
     except (UserError, CheckpointError, DatasetError, TrainError) as exc:
         print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
