@@ -67,6 +67,7 @@ def render(mode: Mode) -> str:
     crm = {p: _load(mode, "crm_igm", p) for p in presets}
     init = {p: _load(mode, "initial_guess", p) for p in presets}
     scale = {p: _load(mode, "batch_scaling", p) for p in presets}
+    shard = {p: _load(mode, "scaleout", p) for p in presets}
     run = read_json(mode.out_dir / "run.json") if (mode.out_dir / "run.json").exists() else {}
     any_speed = next(iter(speed.values()), None)
     prov = any_speed["provenance"] if any_speed else {}
@@ -220,6 +221,20 @@ def render(mode: Mode) -> str:
                   f"{1e6 * cm['beta_s_per_token']:.2f} us per token; prediction error "
                   f"mean {100 * sc['mean_abs_prediction_error']:.0f}%, max "
                   f"{100 * sc['max_abs_prediction_error']:.0f}%.", ""]
+        so = shard[p]
+        if so:
+            o += ["### Beyond the paper: sharded sampling (`python -m studies.scaleout`)", "",
+                  f"`fixedpoint generate`, {so['num_samples']} samples in shards of "
+                  f"{so['shard_size']}, CPU, float32, guidance {so['guidance']:g}; sampling "
+                  "time of the slowest rank (median of "
+                  f"{so['repeats']}), whole command including start-up; samples compared "
+                  "bit for bit with the one-process, one-thread run.", ""]
+            o += _table(["strategy", "processes x threads", "sampling s (slowest rank)",
+                         "speed-up", "command s", "identical samples", "FCD"],
+                        [[name, r["way"], f"{r['sampling_s']:.2f}", f"{r['speedup']:.2f}x",
+                          f"{r['command_s']:.1f}", "yes" if r["identical_to_reference"]
+                          else f"no (max diff {r['max_abs_diff']:.1e})", f"{r['fcd']:.3f}"]
+                         for name, rows in so["strategies"].items() for r in rows])
         auto = s.get("auto", {})
         if auto:
             o += ["### Automatic strategy", ""]

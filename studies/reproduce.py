@@ -31,6 +31,7 @@ from . import (
     crm_igm,
     initial_guess,
     samples,
+    scaleout,
     speedup,
     trace,
     write_paper,
@@ -48,6 +49,7 @@ STUDIES: list[tuple[str, str, Callable[[str, Mode], object]]] = [
     ("initial_guess", "initial_guess-{}.json", initial_guess.initial_guess_study),
     ("speedup", "speedup-{}.json", speedup.run_model),
     ("batch_scaling", "batch_scaling-{}.json", batch_scaling.run_model),
+    ("scaleout", "scaleout-{}.json", scaleout.run_model),
 ]
 
 

@@ -18,7 +18,8 @@ def test_fast_reproduction_runs_every_study(tmp_path):
            "--out", str(out)]
     env = {**os.environ, "MPLBACKEND": "Agg"}
     subprocess.run(cmd, cwd=ROOT, check=True, timeout=1200, env=env)
-    for stem in ("convergence", "crm_igm", "initial_guess", "speedup", "batch_scaling"):
+    for stem in ("convergence", "crm_igm", "initial_guess", "speedup", "batch_scaling",
+                 "scaleout"):
         payload = json.loads((out / f"{stem}-digits.json").read_text())
         assert payload["provenance"]["git_revision"]
         assert payload["provenance"]["hardware"]["cpu_count"] >= 1
@@ -29,4 +30,9 @@ def test_fast_reproduction_runs_every_study(tmp_path):
     assert rows["sequential"]["deviation"]["max"] == 0.0
     # Jacobi with tolerance 1e-4 per block must stay within the studies' error budget.
     assert rows["jacobi"]["deviation"]["max"] <= speed["budget"]
+    scale = json.loads((out / "scaleout-digits.json").read_text())
+    rows = scale["strategies"]["sequential"]
+    # Sharding across processes must not change a single bit of the samples.
+    assert [r["identical_to_reference"] for r in rows] == [True, True, True]
+    assert len({r["fcd"] for r in rows}) == 1
     assert (out / "paper.md").read_text().count("|") > 10
