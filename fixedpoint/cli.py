@@ -538,6 +538,13 @@ def _meter(args: argparse.Namespace, ckpt: Any, ctx: Any) -> Any:
     from fixedpoint.quality import QualityMeter
 
     data = _dataset_for(args, ckpt)
+    c = ckpt.model_config
+    if (data.image_size, data.channels) != (c.image_size, c.channels):
+        raise UserError(
+            f"--metrics scores {data.name} images ({data.channels}x{data.image_size}x"
+            f"{data.image_size}) but this model makes {c.channels}x{c.image_size}x"
+            f"{c.image_size} images; leave out --metrics and score samples.pt with an "
+            "Inception-based FID tool")
     meter = None
     if ctx.is_main:
         meter = QualityMeter.for_dataset(data, cache_dir=CLASSIFIER_CACHE,

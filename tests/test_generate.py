@@ -142,6 +142,20 @@ def test_rerun_skips_complete_shards_and_redoes_damaged_ones(model, tmp_path):
     assert third.samples_per_second is None
 
 
+def test_a_run_can_be_extended_to_more_samples(model, tmp_path):
+    small = generate(model, SPEC, tmp_path / "grow")
+    first = load_samples(small.samples_path)["images"].clone()
+    more = GenerationSpec(**{**SPEC.__dict__, "num_samples": 13})
+    with pytest.warns(RuntimeWarning, match="not a complete shard"):
+        grown = generate(model, more, tmp_path / "grow")
+    # Shards 0 and 1 are reused, shard 2 (8..9 -> 8..11) is redone, shard 3 is new.
+    assert (grown.shards_skipped, grown.shards_sampled) == (2, 2)
+    images = load_samples(grown.samples_path)["images"]
+    assert torch.equal(images[:8], first[:8])
+    fresh = generate(model, more, tmp_path / "fresh")
+    assert torch.equal(images, load_samples(fresh.samples_path)["images"])
+
+
 def test_output_directory_of_another_run_is_refused(model, tmp_path):
     generate(model, SPEC, tmp_path)
     other = GenerationSpec(num_samples=10, shard_size=4, seed=3, guidance=2.0,
@@ -324,3 +338,11 @@ def test_cli_convert_published_state_dict(model, tmp_path, capsys):
     assert main(["convert", str(tmp_path / "garbage.pth"), "--out", str(out),
                  "--noise-std", "0.1"]) == 2
     assert "not a readable torch state dict" in capsys.readouterr().err
+
+
+def test_cli_metrics_refuse_images_the_classifier_cannot_score(tmp_path, capsys):
+    path = tmp_path / "big.pt"
+    save_checkpoint(path, make_model(seed=0, image_size=16))
+    assert main(["generate", "--checkpoint", str(path), "--out-dir", str(tmp_path / "o"),
+                 "--metrics", "--quiet"]) == 2
+    assert "leave out --metrics" in capsys.readouterr().err

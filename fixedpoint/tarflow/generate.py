@@ -14,7 +14,10 @@ its global index and the run's settings, never on the number of processes:
 Every finished shard is written atomically to ``<out>/shards/shard-<k>.pt`` with a
 fingerprint of the run (checkpoint hash, model config, strategy, settings); a rerun of
 the same command skips the shards that are already there, so a crashed or interrupted
-run resumes.  A shard with non-finite samples is not written; the run then fails with a
+run resumes.  The sample count is not part of the fingerprint: rerunning with a larger
+``num_samples`` extends a run (only a short last shard is sampled again).
+
+A shard with non-finite samples is not written; the run then fails with a
 :class:`GenerationError` naming the rank, the shard and the sample indices, after every
 rank has finished or failed (the shards written by then are kept).
 
@@ -236,7 +239,9 @@ def run_settings(model: TarFlow, strategy: Strategy, spec: GenerationSpec,
         "weights_sha256": weights,
         "model": model.config.to_dict(),
         "strategy": repr(strategy.plans),
-        "spec": asdict(spec),
+        # Not the sample count: sample i does not depend on it, so a run can be extended
+        # (a pilot of 512 samples becomes the first 512 of 50,000).
+        "spec": {k: v for k, v in asdict(spec).items() if k != "num_samples"},
         "device_type": device.type,
         "autocast_dtype": None if dtype is None else str(dtype).removeprefix("torch."),
     }
