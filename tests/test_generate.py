@@ -346,3 +346,15 @@ def test_cli_metrics_refuse_images_the_classifier_cannot_score(tmp_path, capsys)
     assert main(["generate", "--checkpoint", str(path), "--out-dir", str(tmp_path / "o"),
                  "--metrics", "--quiet"]) == 2
     assert "leave out --metrics" in capsys.readouterr().err
+
+
+def test_cuda_binding_checks_the_gpu_count_before_touching_cuda(monkeypatch):
+    # No GPU here: pretend one is visible and check the guard that runs before any
+    # CUDA call (two processes on this node would need two GPUs).
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(distributed.DistributedError, match="2 processes on this node but "
+                                                           "only 1 CUDA devices"):
+        distributed.cuda_device(local_rank=1, local_world_size=2)
+    with pytest.raises(distributed.DistributedError, match="names one GPU"):
+        distributed._resolve_device("cuda:0", local_rank=0, local_world=2, world=2)
