@@ -7,6 +7,7 @@
 from .causality import check_causal
 from .maps import IncrementalMap, PlainMap, as_incremental
 from .methods import Anderson, GSJacobi, Jacobi, Method, Sequential, TriangularAnderson
+from .precision import PrecisionWarning, meaningful_tolerance, noise_floor
 from .result import NonCausalError, Result, SolveError, Status, TraceRow
 from .solve import solve
 
@@ -20,6 +21,7 @@ __all__ = [
     "Method",
     "NonCausalError",
     "PlainMap",
+    "PrecisionWarning",
     "Result",
     "Sequential",
     "SolveError",
@@ -28,5 +30,7 @@ __all__ = [
     "TriangularAnderson",
     "as_incremental",
     "check_causal",
+    "meaningful_tolerance",
+    "noise_floor",
     "solve",
 ]

@@ -13,6 +13,7 @@ structure, and has its own loop.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 
@@ -22,6 +23,7 @@ from torch import Tensor
 from .causality import check_causal
 from .maps import IncrementalMap, as_incremental
 from .methods import Anderson, GSJacobi, Jacobi, Method, Sequential, TriangularAnderson
+from .precision import _check_tolerance, compute_dtype
 from .result import Result, SolveError, Status, TraceRow
 
 __all__ = ["solve"]
@@ -52,8 +54,16 @@ def solve(
             extra evaluations, not counted in the cost) and raise
             :class:`NonCausalError` if it looks ahead.  :func:`check_causal` does the
             complete check.
+
+    A positive ``tol`` (or ``rtol``) below the rounding noise of the dtype the
+    arithmetic runs in (``x0.dtype``, or the autocast dtype if coarser; see
+    :func:`fixedpoint.noise_floor`) cannot be met; such a method triggers a
+    :class:`~fixedpoint.PrecisionWarning` but is used as given.
     """
     _check_inputs(x0, method, reference)
+    # Warn only, never change the method: adjusting is the caller's decision
+    # (fixedpoint.meaningful_tolerance, tarflow.reverse's adjust_tolerance).
+    _check_tolerance(method, compute_dtype(x0), scale=1.0, adjust=False)
     fmap = as_incremental(F)
     length = x0.shape[1]
     if check_causality:
@@ -285,6 +295,10 @@ class _TriangularAndersonStep:
         self.prev_r: Tensor | None = None
 
     def propose(self, x: Tensor, f: Tensor, lo: int, unfrozen: Tensor, first: Tensor) -> Tensor:
+        with _own_precision(x):
+            return self._propose(x, f, lo, unfrozen, first)
+
+    def _propose(self, x: Tensor, f: Tensor, lo: int, unfrozen: Tensor, first: Tensor) -> Tensor:
         r = f - x
         off = lo - self.lo0
         if self.prev_x is not None:
@@ -357,8 +371,9 @@ def _anderson(run: _Run, method: Anderson) -> None:
         filled = torch.where(reject, 0, filled)
 
         plain = x + beta * g
-        gamma = _anderson_coefficients(dG, g, filled, method.ridge)
-        mixed = plain - ((dX + beta * dG).transpose(1, 2) @ gamma[..., None])[..., 0]
+        with _own_precision(x):
+            gamma = _anderson_coefficients(dG, g, filled, method.ridge)
+            mixed = plain - ((dX + beta * dG).transpose(1, 2) @ gamma[..., None])[..., 0]
         usable = (filled > 0) & torch.isfinite(mixed).all(1)
         filled = torch.where(go_on & ~usable, 0, filled)
 
@@ -398,3 +413,18 @@ def _anderson_coefficients(dG: Tensor, g: Tensor, filled: Tensor, ridge: float) 
 def _ridge(ridge: float, dtype: torch.dtype) -> float:
     """The relative ridge, never below what the dtype can resolve."""
     return max(ridge, 16 * torch.finfo(dtype).eps)
+
+
+def _own_precision(x: Tensor) -> contextlib.AbstractContextManager[None]:
+    """Autocast off for the solver's own least squares: they run in the iterate dtype.
+
+    Autocast is meant for the map ``F``; under it the history products would come out in
+    bfloat16/float16, losing the precision the mixing needs, and ``linalg.solve`` rejects
+    the mixed dtypes outright (Anderson crashed under CPU bf16 autocast).
+    """
+    device = x.device.type
+    try:
+        enabled = torch.is_autocast_enabled(device)
+    except RuntimeError:  # device types without autocast
+        return contextlib.nullcontext()
+    return torch.autocast(device, enabled=False) if enabled else contextlib.nullcontext()

@@ -515,6 +515,7 @@ class TarFlow(nn.Module):
         denoise: bool = False,
         reference: Any = None,
         trace: bool = False,
+        adjust_tolerance: bool = True,
     ) -> Sample:
         """Sample images from standard normal noise; see :func:`sampling.reverse`."""
         from .sampling import reverse
@@ -523,6 +524,7 @@ class TarFlow(nn.Module):
             self, z, y, strategy=strategy, guidance=guidance,
             anneal_guidance=anneal_guidance, uncond_temperature=uncond_temperature,
             denoise=denoise, reference=reference, trace=trace,
+            adjust_tolerance=adjust_tolerance,
         )
 
     # ---- published checkpoints -------------------------------------------------------

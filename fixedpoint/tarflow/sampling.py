@@ -24,16 +24,26 @@ test oracle and as the benchmark's baseline.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 import fixedpoint as fp
+from fixedpoint.precision import (
+    PrecisionWarning,
+    _describe,
+    _message,
+    _raise_to_floor,
+    _user_stacklevel,
+    compute_dtype,
+)
 
 from .model import KVCache, MetaBlock, TarFlow, wide
-from .strategy import InitialGuess, Strategy
+from .strategy import BlockPlan, InitialGuess, Strategy
 
 __all__ = ["BlockInverse", "BlockInverseState", "Sample", "reverse", "sample_sequential_naive"]
 
@@ -214,12 +224,14 @@ class Sample:
     (forward block order); its ``x`` is in block ``k``'s **permuted** token order.
     ``intermediates``: images for the sampling-trace figure: the scaled noise, then the
     image after each inverted block (blocks ``K-1 .. 0``), then the denoised image if
-    ``denoise`` was on.
+    ``denoise`` was on.  ``strategy``: the strategy the blocks were actually solved
+    with (tolerances as raised by ``adjust_tolerance``, see :func:`reverse`).
     """
 
     x: Tensor
     blocks: list[fp.Result]
     intermediates: list[Tensor] = field(default_factory=list)
+    strategy: Strategy | None = None
 
 
 def _initial_guess(z: Tensor, init: InitialGuess) -> Tensor:
@@ -244,6 +256,7 @@ def reverse(
     denoise: bool = False,
     reference: Sample | Sequence[Tensor] | None = None,
     trace: bool = False,
+    adjust_tolerance: bool = True,
 ) -> Sample:
     """Invert the flow: standard normal noise ``z`` -> images.
 
@@ -261,6 +274,18 @@ def reverse(
             forward block order of token tensors ``(B, T, d)`` in the **original**
             token order (permuted here before the comparison).
         trace: record per-iteration residuals (and errors, with ``reference``).
+        adjust_tolerance: raise a block's ``tol`` / ``rtol`` that sits below the noise
+            floor of the compute dtype (see below) to that floor.  False keeps the
+            given tolerances (the warning is still emitted).
+
+    Tolerances and precision: the map is computed in the coarser of ``z``'s dtype, the
+    model's weight dtype and, under ``torch.autocast``, the autocast dtype (bfloat16:
+    ``eps = 2**-7``).  A positive tolerance below :func:`fixedpoint.noise_floor` of that
+    dtype (``4 eps``; the floor is taken at scale 1 since data and prior tokens are of
+    unit scale) is never met: the iteration runs to its cap.  Such tolerances trigger
+    **one** :class:`~fixedpoint.PrecisionWarning` per call, listing the blocks; with
+    ``adjust_tolerance`` they are raised to the floor.  ``tol = 0`` (exact finite
+    termination) is kept.  ``Sample.strategy`` records the methods actually used.
     """
     c = model.config
     K = c.blocks
@@ -277,6 +302,9 @@ def reverse(
     refs = _reference_list(reference, K)
 
     x = z * model.var.sqrt().to(z.dtype)
+    strategy, warned = _check_tolerances(model, x, strategy, adjust_tolerance)
+    # After our one warning, fp.solve's own check (per block) would only repeat it.
+    quiet = _ignoring if warned else contextlib.nullcontext
     intermediates = [model.unpatchify(x)]
     results: list[fp.Result | None] = [None] * K
     for k in reversed(range(K)):
@@ -290,8 +318,9 @@ def reverse(
         ref = refs[k]
         if ref is not None and not isinstance(reference, Sample):
             ref = block.permute(ref)  # a Sample's block solutions are already permuted
-        res = fp.solve(fmap, _initial_guess(zp, plan.init), plan.method, trace=trace,
-                       reference=ref)
+        with quiet():
+            res = fp.solve(fmap, _initial_guess(zp, plan.init), plan.method, trace=trace,
+                           reference=ref)
         results[k] = res
         x = block.permute(res.x)
         intermediates.append(model.unpatchify(x))
@@ -300,7 +329,48 @@ def reverse(
     if denoise:
         img = denoise_step(model, img, y)
         intermediates.append(img)
-    return Sample(x=img, blocks=results, intermediates=intermediates)  # type: ignore[arg-type]
+    return Sample(x=img, blocks=results, intermediates=intermediates,  # type: ignore[arg-type]
+                  strategy=strategy)
+
+
+def _check_tolerances(
+    model: TarFlow, x: Tensor, strategy: Strategy, adjust: bool
+) -> tuple[Strategy, bool]:
+    """The strategy with tolerances below the noise floor raised (if ``adjust``).
+
+    Emits at most one :class:`PrecisionWarning` for all blocks; returns whether it did.
+    """
+    dtype = compute_dtype(x)
+    weights = model.blocks[0].proj_in.weight.dtype
+    if torch.finfo(weights).eps > torch.finfo(dtype).eps:
+        dtype = weights
+    plans, low = [], {}
+    for k, plan in enumerate(strategy.plans):
+        # Scale 1: the prior noise and the data tokens (in [-1, 1]) are of unit scale.
+        method, found = _raise_to_floor(plan.method, dtype, 1.0)
+        if found:
+            low.setdefault(_describe(plan.method, found), []).append(k)
+            if adjust:
+                plan = BlockPlan(method, plan.init)
+        plans.append(plan)
+    if not low:
+        return strategy, False
+    subject = "; ".join(
+        f"block{'s' if len(ks) > 1 else ''} {','.join(map(str, ks))}: {what}"
+        for what, ks in low.items()
+    )
+    message = _message(f"reverse: {subject}", dtype, adjust)
+    if adjust:
+        message += " (adjust_tolerance=False keeps the given tolerances)"
+    warnings.warn(message, PrecisionWarning, stacklevel=_user_stacklevel())
+    return (Strategy(tuple(plans)) if adjust else strategy), True
+
+
+@contextlib.contextmanager
+def _ignoring() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PrecisionWarning)
+        yield
 
 
 def _reference_list(

@@ -1,0 +1,270 @@
+"""Stopping tolerances against the dtype's noise floor (``fixedpoint.precision``).
+
+The bf16 path runs on CPU under ``torch.autocast``: iterates stay float32, the network's
+linear layers run in bfloat16, so the map carries noise of order ``2**-7 |x|``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import pytest
+import torch
+
+import fixedpoint as fp
+from fixedpoint import systems
+from fixedpoint.precision import NOISE_FLOOR_ULPS, compute_dtype
+from fixedpoint.tarflow import Strategy, TarFlow, TarFlowConfig
+from fixedpoint.tarflow.sampling import reverse
+
+BF16_FLOOR = 4 * 2.0**-7  # 0.03125
+
+
+def precision_warnings(record: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in record if issubclass(w.category, fp.PrecisionWarning)]
+
+
+# ---- noise_floor, compute_dtype ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "dtype, eps",
+    [(torch.bfloat16, 2.0**-7), (torch.float16, 2.0**-10), (torch.float32, 2.0**-23),
+     (torch.float64, 2.0**-52)],
+)
+def test_noise_floor_is_four_ulps(dtype, eps):
+    assert NOISE_FLOOR_ULPS == 4
+    assert fp.noise_floor(dtype) == 4 * eps
+    assert fp.noise_floor(dtype, scale=8.0) == 32 * eps
+    assert fp.noise_floor(torch.bfloat16) == BF16_FLOOR
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.bool, "float32", None])
+def test_noise_floor_rejects_non_floating_dtypes(dtype):
+    with pytest.raises(ValueError, match="floating-point torch dtype"):
+        fp.noise_floor(dtype)
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("nan"), float("inf"), "1", True])
+def test_noise_floor_rejects_bad_scales(scale):
+    with pytest.raises(ValueError, match="scale must be a positive finite number"):
+        fp.noise_floor(torch.float32, scale)
+
+
+def test_compute_dtype_follows_autocast_only_when_coarser():
+    x32, x64, x16 = (torch.zeros(1, dtype=d) for d in (torch.float32, torch.float64,
+                                                        torch.bfloat16))
+    assert compute_dtype(x32) == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert compute_dtype(x32) == torch.bfloat16
+        assert compute_dtype(x64) == torch.bfloat16
+        assert compute_dtype(x16) == torch.bfloat16
+    with torch.autocast("cpu", enabled=False):
+        assert compute_dtype(x16) == torch.bfloat16
+
+
+# ---- meaningful_tolerance ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "method",
+    [fp.Jacobi(tol=1e-4), fp.GSJacobi(modules=2, tol=1e-3), fp.Anderson(),
+     fp.TriangularAnderson(tol=1e-6, memory=2)],
+    ids=["jacobi", "gsjacobi", "anderson-default", "triangular-anderson"],
+)
+def test_meaningful_tolerance_warns_and_raises_to_the_floor(method):
+    with pytest.warns(fp.PrecisionWarning) as record:
+        got = fp.meaningful_tolerance(method, torch.bfloat16)
+    assert len(record) == 1
+    text = str(record[0].message)
+    for part in (type(method).__name__, "bfloat16", f"{method.tol:g}", f"{BF16_FLOOR:g}",
+                 "raised"):
+        assert part in text, (part, text)
+    assert record[0].filename == __file__  # points at the caller
+    assert type(got) is type(method) and got.tol == BF16_FLOOR
+    assert got == dataclasses.replace(method, tol=BF16_FLOOR)
+
+
+def test_meaningful_tolerance_rtol_and_scale():
+    with pytest.warns(fp.PrecisionWarning, match="rtol=1e-05"):
+        got = fp.meaningful_tolerance(fp.Jacobi(tol=0.5, rtol=1e-5), torch.bfloat16)
+    assert (got.tol, got.rtol) == (0.5, BF16_FLOOR)
+    # The absolute floor scales with the iterates, the relative one does not.
+    with pytest.warns(fp.PrecisionWarning):
+        got = fp.meaningful_tolerance(fp.Jacobi(tol=0.1, rtol=0.05), torch.bfloat16, scale=8)
+    assert (got.tol, got.rtol) == (8 * BF16_FLOOR, 0.05)
+
+
+def test_meaningful_tolerance_adjust_false_warns_and_returns_the_same_object():
+    method = fp.Anderson(tol=1e-6)
+    with pytest.warns(fp.PrecisionWarning, match="cannot be met"):
+        got = fp.meaningful_tolerance(method, torch.bfloat16, adjust=False)
+    assert got is method
+
+
+@pytest.mark.parametrize(
+    "method, dtype",
+    [
+        (fp.Sequential(), torch.bfloat16),
+        (fp.Jacobi(), torch.bfloat16),  # tol 0: deliberate exact finite termination
+        (fp.TriangularAnderson(tol=0.0), torch.float16),
+        (fp.Jacobi(tol=BF16_FLOOR), torch.bfloat16),  # at the floor is fine
+        (fp.GSJacobi(modules=2, tol=0.05), torch.bfloat16),
+        (fp.Jacobi(tol=1e-4), torch.float32),
+        (fp.Anderson(), torch.float32),  # default 1e-6 > 4.8e-7
+        (fp.Anderson(tol=1e-12), torch.float64),
+    ],
+)
+def test_meaningful_tolerance_leaves_good_methods_alone(method, dtype):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fp.meaningful_tolerance(method, dtype) is method
+
+
+def test_meaningful_tolerance_rejects_non_methods():
+    with pytest.raises(TypeError, match="fixedpoint method"):
+        fp.meaningful_tolerance("jacobi", torch.float32)  # type: ignore[arg-type]
+
+
+# ---- fp.solve ------------------------------------------------------------------------
+
+
+def test_solve_in_bfloat16_warns_but_keeps_the_method():
+    s = systems.AffineAutoregressive.random(2, 16, 3, toughness=0.5, seed=0,
+                                            dtype=torch.bfloat16)
+    with pytest.warns(fp.PrecisionWarning, match="bfloat16") as record:
+        res = fp.solve(s, s.empty(), fp.Jacobi(tol=1e-6))
+    assert len(precision_warnings(record.list)) == 1
+    assert record[0].filename == __file__  # points at the fp.solve call
+    assert res.x.dtype == torch.bfloat16
+    assert res.status is fp.Status.SUCCESS  # finite termination, not convergence
+
+
+@pytest.mark.parametrize("method", [fp.Anderson(max_iter=5), fp.TriangularAnderson(tol=1e-4)])
+def test_solve_under_autocast_uses_the_autocast_dtype(method):
+    s = systems.AffineAutoregressive.random(2, 16, 3, toughness=0.5, seed=0,
+                                            dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.warns(fp.PrecisionWarning):
+        # Regression: Anderson's least squares crashed under autocast (bf16 products).
+        res = fp.solve(s, s.empty(), method)
+    assert res.x.dtype == torch.float32 and torch.isfinite(res.x).all()
+
+
+@pytest.mark.parametrize(
+    "dtype, method",
+    [(torch.float32, fp.Jacobi(tol=1e-4)), (torch.float32, fp.Anderson(tol=1e-5)),
+     (torch.float64, fp.GSJacobi(modules=4, tol=1e-12)), (torch.bfloat16, fp.Jacobi()),
+     (torch.bfloat16, fp.Sequential())],
+)
+def test_solve_with_meaningful_tolerances_does_not_warn(dtype, method):
+    s = systems.AffineAutoregressive.random(2, 16, 3, toughness=0.5, seed=0, dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fp.PrecisionWarning)
+        fp.solve(s, s.empty(), method)
+
+
+# ---- TarFlow sampling in bfloat16 on CPU ---------------------------------------------
+
+TINY = dict(image_size=8, channels=1, patch_size=2, width=64, blocks=4, layers=2, head_dim=32)
+LABELS = torch.tensor([1, -1, 7])
+
+
+@pytest.fixture(scope="module")
+def model() -> TarFlow:
+    """Tiny model with random non-zero out-projections: Jacobi needs several iterations
+    (float32, tol 1e-4: 8-10 per block of T = 16)."""
+    torch.manual_seed(0)
+    m = TarFlow(TarFlowConfig(**TINY)).eval()
+    with torch.no_grad():
+        for block in m.blocks:
+            block.proj_out.weight.normal_(0, 0.04)
+            block.proj_out.bias.normal_(0, 0.04)
+        m.var.uniform_(0.7, 1.3)
+    return m
+
+
+@pytest.fixture(scope="module")
+def z() -> torch.Tensor:
+    return torch.randn(3, 16, 4, generator=torch.Generator().manual_seed(5))
+
+
+@pytest.fixture(scope="module")
+def float32_sequential(model, z) -> torch.Tensor:
+    with torch.no_grad():
+        return reverse(model, z, LABELS, guidance=1.0).x
+
+
+def bf16_reverse(model, z, method, **kw):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            sample = reverse(model, z, LABELS, guidance=1.0,
+                             strategy=Strategy.uniform(method, 4), **kw)
+    return sample, precision_warnings(record)
+
+
+def test_bf16_sampling_warns_once_and_adjusts(model, z, float32_sequential):
+    adjusted, warned = bf16_reverse(model, z, fp.Jacobi(tol=1e-4))
+    assert len(warned) == 1, warned  # one per reverse call, not one per block
+    assert "blocks 0,1,2,3: Jacobi tol=0.0001 < floor 0.03125" in warned[0]
+    assert "bfloat16" in warned[0] and "adjust_tolerance=False" in warned[0]
+    assert [p.method for p in adjusted.strategy.plans] == [fp.Jacobi(tol=BF16_FLOOR)] * 4
+
+    kept, warned = bf16_reverse(model, z, fp.Jacobi(tol=1e-4), adjust_tolerance=False)
+    assert len(warned) == 1, warned  # fp.solve's per-block warnings are folded into it
+    assert "cannot be met" in warned[0]
+    assert [p.method for p in kept.strategy.plans] == [fp.Jacobi(tol=1e-4)] * 4
+
+    # Measured: adjusted [5, 6, 4, 5] iterations per block (float32 at tol 1e-4:
+    # [9, 10, 8, 8]), unadjusted [15, 15, 14, 15]: the tolerance is (nearly) never met and
+    # finite termination ends the iteration at T - 1 = 15.
+    iters = [r.iterations for r in adjusted.blocks]
+    kept_iters = [r.iterations for r in kept.blocks]
+    assert sum(iters) < sum(kept_iters), (iters, kept_iters)
+    assert all(r.status is fp.Status.SUCCESS for r in adjusted.blocks + kept.blocks)
+
+    # Accuracy against float32 sequential sampling (|x| up to 4.1 here): measured max
+    # |diff| 0.026 adjusted, 0.032 unadjusted, 0.032 for bf16 sequential sampling; the
+    # atol leaves a 2x margin and is below a non-converged iterate (order 0.1 - 1).
+    assert torch.isfinite(adjusted.x).all()
+    torch.testing.assert_close(adjusted.x, float32_sequential, rtol=0, atol=0.075)
+    torch.testing.assert_close(kept.x, float32_sequential, rtol=0, atol=0.075)
+
+
+def test_precision_warnings_point_at_the_callers_line(model, z):
+    # Whichever entry point (TarFlow.reverse -> sampling.reverse -> fp.solve), the
+    # warning names the user's line, not a line inside the package.
+    cheap = Strategy.uniform(fp.Jacobi(tol=1e-4, max_iter=1), 4)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.warns(fp.PrecisionWarning) as record:
+            model.reverse(z, LABELS, strategy=cheap)
+    assert [w.filename for w in record] == [__file__]
+
+
+def test_bf16_anderson_default_tolerance_is_adjusted(model, z, float32_sequential):
+    # Anderson has no finite termination: its default tol 1e-6 is never met in bf16.
+    # Measured: adjusted SUCCESS in [4, 6, 4, 5] iterations (max |diff| to float32
+    # sequential 0.021); unadjusted MAX_ITER (30) in every block.
+    adjusted, warned = bf16_reverse(model, z, fp.Anderson(max_iter=30))
+    assert len(warned) == 1 and "Anderson tol=1e-06 < floor 0.03125" in warned[0]
+    assert [r.status for r in adjusted.blocks] == [fp.Status.SUCCESS] * 4
+    torch.testing.assert_close(adjusted.x, float32_sequential, rtol=0, atol=0.075)
+    kept, warned = bf16_reverse(model, z, fp.Anderson(max_iter=30), adjust_tolerance=False)
+    assert len(warned) == 1
+    assert [r.status for r in kept.blocks] == [fp.Status.MAX_ITER] * 4
+
+
+def test_bf16_sampling_with_meaningful_tolerances_is_silent(model, z):
+    for method in (fp.Jacobi(tol=0.05), fp.Jacobi(), fp.Sequential()):
+        sample, warned = bf16_reverse(model, z, method)
+        assert warned == [], (method, warned)
+        assert sample.strategy.plans[0].method is method
+
+
+def test_float32_sampling_does_not_warn(model, z):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fp.PrecisionWarning)
+        sample = reverse(model, z, LABELS, guidance=1.0,
+                         strategy=Strategy.uniform(fp.Jacobi(tol=1e-4), 4))
+    assert [p.method for p in sample.strategy.plans] == [fp.Jacobi(tol=1e-4)] * 4
