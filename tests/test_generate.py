@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_tarflow_sampling import make_model
 
 import fixedpoint as fp
@@ -27,6 +29,7 @@ from fixedpoint.tarflow.generate import (
     GenerationSpec,
     generate,
     load_samples,
+    rank_shards,
     sample_labels,
     sample_noise,
     shard_ranges,
@@ -66,6 +69,25 @@ def test_noise_depends_only_on_seed_and_index():
 def test_labels_cycle_over_the_global_index():
     assert sample_labels([0, 1, 2, 5], (4, 7)).tolist() == [4, 7, 4, 7]
     assert sample_labels([3], None) is None
+
+
+@given(n=st.integers(1, 200), size=st.integers(1, 64), world=st.integers(1, 9))
+def test_ranks_share_out_every_index_exactly_once(n, size, world):
+    ranges = shard_ranges(n, size)
+    owned = [[i for k in rank_shards(len(ranges), rank, world) for i in ranges[k]]
+             for rank in range(world)]
+    assert sorted(i for mine in owned for i in mine) == list(range(n))
+    counts = [len(rank_shards(len(ranges), rank, world)) for rank in range(world)]
+    assert max(counts) - min(counts) <= 1  # balanced
+    assert all(len(r) == size for r in ranges[:-1]) and 1 <= len(ranges[-1]) <= size
+
+
+@settings(max_examples=20)
+@given(n=st.integers(1, 12), size=st.integers(1, 5), seed=st.integers(0, 2**31))
+def test_noise_of_shards_is_the_noise_of_the_whole_run(n, size, seed):
+    whole = sample_noise(range(n), seed, 4, 2)
+    parts = torch.cat([sample_noise(r, seed, 4, 2) for r in shard_ranges(n, size)])
+    assert torch.equal(whole, parts)
 
 
 def test_shard_ranges_cover_every_index_once():

@@ -61,6 +61,7 @@ __all__ = [
     "ShardFailure",
     "generate",
     "load_samples",
+    "rank_shards",
     "sample_labels",
     "sample_noise",
     "shard_ranges",
@@ -194,6 +195,17 @@ def shard_ranges(num_samples: int, shard_size: int) -> list[range]:
     """The global sample indices of every shard, in shard order."""
     return [range(lo, min(lo + shard_size, num_samples))
             for lo in range(0, num_samples, shard_size)]
+
+
+def rank_shards(num_shards: int, rank: int, world_size: int) -> list[int]:
+    """The shards rank ``rank`` samples: ``k`` with ``k mod world_size == rank``.
+
+    Round-robin rather than contiguous blocks, so that the ranks stay balanced when the
+    last shard is short and when a rerun finds some shards already done.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside a world of {world_size}")
+    return list(range(rank, num_shards, world_size))
 
 
 def _ranges_text(indices: Sequence[int]) -> str:
@@ -433,7 +445,7 @@ def generate(
         return torch.autocast(device_type=ctx.device.type, dtype=autocast_dtype)
 
     ranges = shard_ranges(spec.num_samples, spec.shard_size)
-    mine = [k for k in range(len(ranges)) if k % ctx.world_size == ctx.rank]
+    mine = rank_shards(len(ranges), ctx.rank, ctx.world_size)
     bar = None
     if progress and ctx.is_main:
         from tqdm.auto import tqdm
