@@ -225,7 +225,8 @@ def render(mode: Mode) -> str:
         if so:
             o += ["### Beyond the paper: sharded sampling (`python -m studies.scaleout`)", "",
                   f"`fixedpoint generate`, {so['num_samples']} samples in shards of "
-                  f"{so['shard_size']}, CPU, float32, guidance {so['guidance']:g}; sampling "
+                  f"{so['shard_size']}, CPU, float32, guidance {so['guidance']:g}"
+                  f"{', denoising step' if so.get('denoise') else ''}; sampling "
                   "time of the slowest rank (median of "
                   f"{so['repeats']}), whole command including start-up; samples compared "
                   "bit for bit with the one-process, one-thread run.", ""]

@@ -7,7 +7,8 @@ each in a fresh output directory so nothing is resumed:
 * one plain process with 2 torch threads,
 * ``torchrun --nproc_per_node=2`` (gloo), 1 thread per process.
 
-and records, per way and strategy, the sampling time of the slowest rank, the
+with the studies' sampling settings (guidance 1, the final denoising step) and records,
+per way and strategy, the sampling time of the slowest rank, the
 wall-clock of the whole command (interpreter start, model load, process group, the
 classifier, merging), whether the samples are bit-for-bit those of the reference, and
 the Fréchet classifier distance.  Ways are run round-robin, median of the mode's repeats.
@@ -56,7 +57,7 @@ def _run(way: str, checkpoint: str, out: Path, n: int, shard: int,
     launcher, threads = WAYS[way]
     args = ["generate", "--checkpoint", checkpoint, "--num-samples", str(n),
             "--shard-size", str(shard), "--out-dir", str(out), "--guidance", str(GUIDANCE),
-            "--seed", str(SEED), "--threads", str(threads), "--metrics", "--quiet",
+            "--seed", str(SEED), "--threads", str(threads), "--denoise", "--metrics", "--quiet",
             *strategy]
     if launcher:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -111,6 +112,7 @@ def run_model(preset: str, mode: Mode) -> dict[str, Any]:
             r["speedup"] = ref_time / r["sampling_s"]
         results[name] = rows
     out = {"preset": preset, "num_samples": n, "shard_size": shard, "guidance": GUIDANCE,
+           "denoise": True,
            "repeats": repeats, "device": "cpu", "dtype": "float32",
            "strategies": results}
     write_json(mode.out_dir / f"scaleout-{preset}.json", out)
