@@ -11,11 +11,12 @@ import warnings
 
 import pytest
 import torch
+from test_tarflow_sampling import make_model
 
 import fixedpoint as fp
 from fixedpoint import systems
 from fixedpoint.precision import NOISE_FLOOR_ULPS, compute_dtype
-from fixedpoint.tarflow import Strategy, TarFlow, TarFlowConfig
+from fixedpoint.tarflow import Strategy, TarFlow
 from fixedpoint.tarflow.sampling import reverse
 
 BF16_FLOOR = 4 * 2.0**-7  # 0.03125
@@ -166,7 +167,6 @@ def test_solve_with_meaningful_tolerances_does_not_warn(dtype, method):
 
 # ---- TarFlow sampling in bfloat16 on CPU ---------------------------------------------
 
-TINY = dict(image_size=8, channels=1, patch_size=2, width=64, blocks=4, layers=2, head_dim=32)
 LABELS = torch.tensor([1, -1, 7])
 
 
@@ -174,14 +174,7 @@ LABELS = torch.tensor([1, -1, 7])
 def model() -> TarFlow:
     """Tiny model with random non-zero out-projections: Jacobi needs several iterations
     (float32, tol 1e-4: 8-10 per block of T = 16)."""
-    torch.manual_seed(0)
-    m = TarFlow(TarFlowConfig(**TINY)).eval()
-    with torch.no_grad():
-        for block in m.blocks:
-            block.proj_out.weight.normal_(0, 0.04)
-            block.proj_out.bias.normal_(0, 0.04)
-        m.var.uniform_(0.7, 1.3)
-    return m
+    return make_model(seed=0)
 
 
 @pytest.fixture(scope="module")
