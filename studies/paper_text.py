@@ -68,6 +68,7 @@ def render(mode: Mode) -> str:
     init = {p: _load(mode, "initial_guess", p) for p in presets}
     scale = {p: _load(mode, "batch_scaling", p) for p in presets}
     shard = {p: _load(mode, "scaleout", p) for p in presets}
+    prec = {p: _load(mode, "precision", p) for p in presets}
     run = read_json(mode.out_dir / "run.json") if (mode.out_dir / "run.json").exists() else {}
     any_speed = next(iter(speed.values()), None)
     prov = any_speed["provenance"] if any_speed else {}
@@ -236,6 +237,22 @@ def render(mode: Mode) -> str:
                           f"{r['command_s']:.1f}", "yes" if r["identical_to_reference"]
                           else f"no (max diff {r['max_abs_diff']:.1e})", f"{r['fcd']:.3f}"]
                          for name, rows in so["strategies"].items() for r in rows])
+        pr = prec[p]
+        if pr:
+            o += ["### Beyond the paper: tolerances in bfloat16 (`python -m studies.precision`)",
+                  "", f"Batch {pr['batch']}, guidance {pr['guidance']:g}, CPU, "
+                  f"{pr['threads']} threads; Jacobi with tolerance {pr['tol']:g} on every "
+                  "block; bfloat16 = autocast (linear layers in bfloat16). The bfloat16 noise "
+                  f"floor is {pr['noise_floor_bfloat16']:g}: a smaller tolerance is raised "
+                  "to it unless `adjust_tolerance=False`. Deviation from the float32 "
+                  "sequential samples; wall-clock median of "
+                  f"{pr['repeats']}, round-robin.", ""]
+            o += _table(["variant", "tol used", "iterations per block", "dependent steps",
+                         "max deviation", "ms"],
+                        [[r["variant"], "-" if r["tol_used"] is None else f"{r['tol_used']:g}",
+                          str(r["iterations"]), r["dependent_steps"],
+                          f"{r['deviation_from_float32_sequential']['max']:.2e}",
+                          f"{1e3 * r['time_s']:.1f}"] for r in pr["rows"]])
         auto = s.get("auto", {})
         if auto:
             o += ["### Automatic strategy", ""]

@@ -30,6 +30,7 @@ from . import (
     convergence,
     crm_igm,
     initial_guess,
+    precision,
     samples,
     scaleout,
     speedup,
@@ -50,6 +51,7 @@ STUDIES: list[tuple[str, str, Callable[[str, Mode], object]]] = [
     ("speedup", "speedup-{}.json", speedup.run_model),
     ("batch_scaling", "batch_scaling-{}.json", batch_scaling.run_model),
     ("scaleout", "scaleout-{}.json", scaleout.run_model),
+    ("precision", "precision-{}.json", precision.run_model),
 ]
 
 

@@ -19,7 +19,7 @@ def test_fast_reproduction_runs_every_study(tmp_path):
     env = {**os.environ, "MPLBACKEND": "Agg"}
     subprocess.run(cmd, cwd=ROOT, check=True, timeout=1200, env=env)
     for stem in ("convergence", "crm_igm", "initial_guess", "speedup", "batch_scaling",
-                 "scaleout"):
+                 "scaleout", "precision"):
         payload = json.loads((out / f"{stem}-digits.json").read_text())
         assert payload["provenance"]["git_revision"]
         assert payload["provenance"]["hardware"]["cpu_count"] >= 1
@@ -35,4 +35,11 @@ def test_fast_reproduction_runs_every_study(tmp_path):
     # Sharding across processes must not change a single bit of the samples.
     assert [r["identical_to_reference"] for r in rows] == [True, True, True]
     assert len({r["fcd"] for r in rows}) == 1
+    prec = {r["variant"]: r for r in
+            json.loads((out / "precision-digits.json").read_text())["rows"]}
+    raised, kept = (prec[f"bfloat16 jacobi, tolerance {w}"] for w in ("raised", "kept"))
+    assert (raised["tol_used"], kept["tol_used"]) == (2**-5, 1e-4)
+    assert raised["precision_warnings"] == kept["precision_warnings"] == 1
+    # The point of raising: a tolerance bf16 can meet stops the iteration earlier.
+    assert raised["dependent_steps"] < kept["dependent_steps"]
     assert (out / "paper.md").read_text().count("|") > 10
