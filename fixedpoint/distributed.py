@@ -1,9 +1,9 @@
 """Process groups for sharded work: ``torchrun`` when launched by it, one process otherwise.
 
 The engine is ``torch.distributed``; this module only decides how to join it and wraps
-the three collectives the sharded sampler needs (gather small Python objects, a barrier,
-a maximum).  A plain ``python`` run has no process group: :func:`launch` then yields a
-one-process :class:`Context` whose collectives are trivial, so the same code serves both.
+the two collectives the sharded sampler needs (gather small Python objects, a barrier).
+A plain ``python`` run has no process group: :func:`launch` then yields a one-process
+:class:`Context` whose collectives are trivial, so the same code serves both.
 
 Backend: ``nccl`` for CUDA devices, ``gloo`` for the CPU.  CUDA-specific code (device
 binding, NCCL) is reached only when a CUDA device was asked for, behind
@@ -110,10 +110,6 @@ class Context:
     def barrier(self) -> None:
         if self.backend is not None:
             dist.barrier()
-
-    def max(self, value: float) -> float:
-        """The largest ``value`` over the ranks (e.g. the slowest rank's time)."""
-        return max(float(v) for v in self.gather(float(value)))
 
     def describe(self) -> str:
         group = f"{self.world_size} processes, {self.backend}" if self.backend else "1 process"

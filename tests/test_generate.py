@@ -270,7 +270,7 @@ def test_plain_process_is_a_world_of_one(monkeypatch):
     assert not distributed.launched()
     with distributed.launch("cpu") as ctx:
         assert (ctx.rank, ctx.world_size, ctx.backend, ctx.is_main) == (0, 1, None, True)
-        assert ctx.gather({"a": 1}) == [{"a": 1}] and ctx.max(2.5) == 2.5
+        assert ctx.gather({"a": 1}) == [{"a": 1}]
         ctx.barrier()
     with distributed.launch("auto") as ctx:
         assert ctx.device.type == ("cuda" if torch.cuda.is_available() else "cpu")

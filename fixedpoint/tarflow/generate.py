@@ -139,6 +139,7 @@ class GenerationReport:
     shards_total: int
     shards_sampled: int
     shards_skipped: int
+    samples_sampled: int
     rank_seconds: list[float]
     slowest_rank: int
     slowest_rank_seconds: float
@@ -153,10 +154,9 @@ class GenerationReport:
 
     @property
     def samples_per_second(self) -> float | None:
-        sampled = min(self.num_samples, self.shards_sampled * self.shard_size)
-        if self.slowest_rank_seconds <= 0 or self.shards_sampled == 0:
+        if self.slowest_rank_seconds <= 0 or self.samples_sampled == 0:
             return None
-        return sampled / self.slowest_rank_seconds
+        return self.samples_sampled / self.slowest_rank_seconds
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -381,6 +381,62 @@ def _quality(meter: Any, sums: list[dict[str, Any]]) -> tuple[float, float | Non
 # ------------------------------------------------------------------------------- run
 
 
+def _work_through(model: TarFlow, strategy: Strategy, spec: GenerationSpec,
+                  ranges: list[range], out: Path, fingerprint: str, ctx: Context,
+                  meter: Any | None, precision: Callable[[], AbstractContextManager[Any]],
+                  progress: bool) -> dict[str, Any]:
+    """This rank's shards: skip the finished ones, sample the rest, stop at a failure.
+
+    Returns the rank's report (what it sampled and skipped, its time and cost, its
+    failure if any, and the feature sums of all its finished shards).
+    """
+    mine = rank_shards(len(ranges), ctx.rank, ctx.world_size)
+    bar = None
+    if progress and ctx.is_main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(mine), unit="shard", desc=f"rank 0 of {ctx.world_size}")
+    sampled, skipped, steps, tokens = [], [], 0, 0
+    failure: ShardFailure | None = None
+    sums: dict[int, dict[str, Any]] = {}
+    seconds = 0.0
+    for k in mine:
+        path = _shard_path(out, k)
+        payload = _read_shard(path, fingerprint, ranges[k])
+        if payload is None:
+            start = time.perf_counter()
+            try:
+                result = _sample_shard(model, strategy, spec, ranges[k], ctx.device, precision)
+            except _NonFinite as exc:
+                failure = ShardFailure(ctx.rank, k, tuple(exc.indices), str(exc))
+            except Exception as exc:  # reported collectively, so that no rank hangs
+                last = traceback.extract_tb(exc.__traceback__)[-1]
+                failure = ShardFailure(
+                    ctx.rank, k, tuple(ranges[k]),
+                    f"{type(exc).__name__}: {exc} (at {Path(last.filename).name}:{last.lineno})")
+            seconds += time.perf_counter() - start
+            if failure is not None:
+                break
+            payload = {"format": SHARD_FORMAT, "format_version": FORMAT_VERSION,
+                       "fingerprint": fingerprint, "shard": k, "indices": list(ranges[k]),
+                       "rank": ctx.rank, "world_size": ctx.world_size, **result}
+            atomic_torch_save(payload, path)
+            sampled.append(k)
+            steps += result["dependent_steps"]
+            tokens += result["token_evals"]
+        else:
+            skipped.append(k)
+        if meter is not None:
+            sums[k] = _feature_sums(meter, payload["images"], payload["labels"])
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return {"rank": ctx.rank, "sampled": sampled, "skipped": skipped, "seconds": seconds,
+            "samples": sum(len(ranges[k]) for k in sampled), "steps": steps,
+            "tokens": tokens, "failure": failure, "sums": sums}
+
+
 def generate(
     model: TarFlow,
     spec: GenerationSpec,
@@ -445,52 +501,8 @@ def generate(
         return torch.autocast(device_type=ctx.device.type, dtype=autocast_dtype)
 
     ranges = shard_ranges(spec.num_samples, spec.shard_size)
-    mine = rank_shards(len(ranges), ctx.rank, ctx.world_size)
-    bar = None
-    if progress and ctx.is_main:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(mine), unit="shard", desc=f"rank 0 of {ctx.world_size}")
-    sampled, skipped, steps, tokens = [], [], 0, 0
-    failure: ShardFailure | None = None
-    sums: dict[int, dict[str, Any]] = {}
-    seconds = 0.0
-    for k in mine:
-        path = _shard_path(out, k)
-        payload = _read_shard(path, fingerprint, ranges[k])
-        if payload is None:
-            start = time.perf_counter()
-            try:
-                result = _sample_shard(model, strategy, spec, ranges[k], ctx.device, precision)
-            except _NonFinite as exc:
-                failure = ShardFailure(ctx.rank, k, tuple(exc.indices), str(exc))
-            except Exception as exc:  # reported collectively below, so no rank hangs
-                last = traceback.extract_tb(exc.__traceback__)[-1]
-                failure = ShardFailure(
-                    ctx.rank, k, tuple(ranges[k]),
-                    f"{type(exc).__name__}: {exc} (at {Path(last.filename).name}:{last.lineno})")
-            seconds += time.perf_counter() - start
-            if failure is not None:
-                break
-            payload = {"format": SHARD_FORMAT, "format_version": FORMAT_VERSION,
-                       "fingerprint": fingerprint, "shard": k, "indices": list(ranges[k]),
-                       "rank": ctx.rank, "world_size": ctx.world_size, **result}
-            atomic_torch_save(payload, path)
-            sampled.append(k)
-            steps += result["dependent_steps"]
-            tokens += result["token_evals"]
-        else:
-            skipped.append(k)
-        if meter is not None:
-            sums[k] = _feature_sums(meter, payload["images"], payload["labels"])
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-
-    reports = ctx.gather({"rank": ctx.rank, "sampled": sampled, "skipped": skipped,
-                          "seconds": seconds, "steps": steps, "tokens": tokens,
-                          "failure": failure, "sums": sums})
+    reports = ctx.gather(_work_through(model, strategy, spec, ranges, out, fingerprint, ctx,
+                                       meter, precision, progress))
     failures = [r["failure"] for r in reports if r["failure"] is not None]
     if failures:
         done = sum(len(r["sampled"]) + len(r["skipped"]) for r in reports)
@@ -516,6 +528,7 @@ def generate(
         world_size=ctx.world_size, shards_total=len(ranges),
         shards_sampled=sum(len(r["sampled"]) for r in reports),
         shards_skipped=sum(len(r["skipped"]) for r in reports),
+        samples_sampled=sum(r["samples"] for r in reports),
         rank_seconds=rank_seconds, slowest_rank=slowest,
         slowest_rank_seconds=rank_seconds[slowest],
         dependent_steps=sum(r["steps"] for r in reports),
