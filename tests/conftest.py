@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
@@ -20,7 +21,8 @@ from hypothesis import HealthCheck, settings
 # shared 2-core machine two busy-waiting OpenMP threads slow them down five- to tenfold
 # (measured: the solver property tests took 78 s with 2 threads under load, 15 s with 1).
 # FIXEDPOINT_TEST_THREADS overrides.
-torch.set_num_threads(int(os.environ.get("FIXEDPOINT_TEST_THREADS", "1")))
+THREADS = int(os.environ.get("FIXEDPOINT_TEST_THREADS", "1"))
+torch.set_num_threads(THREADS)
 
 _COMMON = dict(
     deadline=None,
@@ -37,3 +39,11 @@ settings.load_profile(
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than a few seconds; still run in CI")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _test_threads():
+    """Every test module starts with THREADS torch threads, whatever an earlier one (e.g.
+    a CLI call with --threads) left behind."""
+    torch.set_num_threads(THREADS)
+    yield

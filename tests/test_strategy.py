@@ -21,15 +21,6 @@ from fixedpoint.tarflow import (
 )
 from fixedpoint.tarflow.metrics import igm_paper, igm_sample
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---- parsing -------------------------------------------------------------------------
 
 

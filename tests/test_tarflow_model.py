@@ -13,14 +13,6 @@ from fixedpoint.tarflow.model import KVCache, TarFlow, TarFlowConfig
 TINY = dict(image_size=8, channels=1, patch_size=2, width=64, blocks=2, layers=2, head_dim=32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: on a busy 2-core machine two threads per process slow them ~10x.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def make_model(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> TarFlow:
     """A tiny model with small random non-zero out-projections (a non-trivial flow)."""

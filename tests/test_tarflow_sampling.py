@@ -43,15 +43,6 @@ def make_model(seed: int = 0, **overrides) -> TarFlow:
     return model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: thread hand-offs cost more than they save, and on a busy 2-core
-    # machine two threads per process slow these tests down ~10x.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def cond_model() -> TarFlow:
