@@ -239,7 +239,7 @@ def _load(args: argparse.Namespace, device: Any = None) -> tuple[Any, Any]:
 
 
 def _dataset_for(args: argparse.Namespace, ckpt: Any) -> Any:
-    from fixedpoint.tarflow.data import load_dataset
+    from fixedpoint.data import load_dataset
 
     provenance = ckpt.extra.get("data", {})
     name = args.dataset or provenance.get("dataset") or "digits"
@@ -630,7 +630,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_demo(argv[1:])
     args = build_parser().parse_args(argv)
     from fixedpoint.tarflow.checkpoint import CheckpointError
-    from fixedpoint.tarflow.data import DatasetError
+    from fixedpoint.data import DatasetError
     from fixedpoint.tarflow.train import TrainError
 
     try:

@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fixedpoint.tarflow.data import Dataset
+from fixedpoint.data import Dataset
 
 from .atomic import atomic_torch_save
 

@@ -14,7 +14,7 @@ from torch import Tensor
 
 import fixedpoint as fp
 from fixedpoint.tarflow.checkpoint import load_model
-from fixedpoint.tarflow.data import Dataset, load_dataset
+from fixedpoint.data import Dataset, load_dataset
 from fixedpoint.tarflow.model import TarFlow
 from fixedpoint.tarflow.sampling import Sample, reverse
 from fixedpoint.tarflow.strategy import BlockPlan, InitialGuess, Strategy

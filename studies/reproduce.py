@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from fixedpoint.tarflow.data import MNIST_ENV, DatasetError, load_dataset
+from fixedpoint.data import MNIST_ENV, DatasetError, load_dataset
 from fixedpoint.tarflow.train import PRESETS
 
 from . import (

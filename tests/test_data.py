@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from fixedpoint.tarflow import data as data_mod
-from fixedpoint.tarflow.data import (
+from fixedpoint import data as data_mod
+from fixedpoint.data import (
     Dataset,
     DatasetError,
     default_mnist_dir,

@@ -23,7 +23,7 @@ from fixedpoint.quality import QualityMeter, feature_statistics
 from fixedpoint.tarflow import Strategy, reverse
 from fixedpoint.tarflow import generate as gen
 from fixedpoint.tarflow.checkpoint import load_model, save_checkpoint
-from fixedpoint.tarflow.data import load_dataset
+from fixedpoint.data import load_dataset
 from fixedpoint.tarflow.generate import (
     GenerationError,
     GenerationSpec,

@@ -30,7 +30,7 @@ PUBLIC_MODULES = {
     "fixedpoint.testing",
     "fixedpoint.tarflow",
     "fixedpoint.tarflow.checkpoint",
-    "fixedpoint.tarflow.data",
+    "fixedpoint.data",
     "fixedpoint.tarflow.train",
 }
 PUBLIC_NAMES = set(fixedpoint.__all__) | {"systems", "testing", "__version__"}

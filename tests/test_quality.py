@@ -28,7 +28,7 @@ from fixedpoint.quality import (
     load_classifier,
     train_classifier,
 )
-from fixedpoint.tarflow.data import Dataset, load_dataset
+from fixedpoint.data import Dataset, load_dataset
 
 # Measured with the default settings (seed 0, 40 epochs): 0.9833 on the 300 test digits.
 # The bound leaves room for a different torch build rounding differently.

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fixedpoint.tarflow.checkpoint import load_checkpoint
-from fixedpoint.tarflow.data import Dataset, load_digits_dataset
+from fixedpoint.data import Dataset, load_digits_dataset
 from fixedpoint.tarflow.model import TarFlow, TarFlowConfig
 from fixedpoint.tarflow.train import (
     PRESETS,

@@ -38,7 +38,7 @@ from fixedpoint.tarflow.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from fixedpoint.tarflow.data import Dataset, load_dataset
+from fixedpoint.data import Dataset, load_dataset
 from fixedpoint.tarflow.model import TarFlow, TarFlowConfig
 
 __all__ = [
