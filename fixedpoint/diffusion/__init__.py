@@ -1,0 +1,45 @@
+"""Diffusion and flow sampling as triangular systems over the step index.
+
+An ``N``-step sampler is a recurrence ``x_{n+1} = Phi_n(x_n)``; with its noise drawn in
+advance it is a strictly causal system whose positions are the steps and whose tokens
+are whole images, solved by the same core as every other application.
+
+* :mod:`.schedule`: the noise schedule from a diffusers scheduler config, validated;
+* :mod:`.model`: the noise-predicting ``UNet2DModel``, saved and loaded the diffusers way;
+* :mod:`.mixture`: Gaussian-mixture targets with an exact noise prediction (no training);
+* :mod:`.chain`: DDIM, DDPM, Euler and Heun steps, batched over rows at any steps;
+* :mod:`.maps`: a chain as an incremental triangular map, Markov and Picard forms;
+* :mod:`.sampling`: the sequential loop, the solver route, diffusers' loop for parity.
+"""
+
+from .chain import Chain, DDIMChain, DDPMChain, EulerChain, HeunChain
+from .maps import ChainMap, MarkovMap, PicardMap
+from .mixture import GaussianMixture, MixtureDenoiser
+from .model import DiffusionModel, ModelError, UNetConfig, UNetDenoiser, load_model, tiny_model
+from .sampling import diffusers_ddpm_noise, diffusers_loop, sample_loop, solve_chain
+from .schedule import NoiseSchedule, ScheduleError
+
+__all__ = [
+    "Chain",
+    "ChainMap",
+    "DDIMChain",
+    "DDPMChain",
+    "DiffusionModel",
+    "EulerChain",
+    "GaussianMixture",
+    "HeunChain",
+    "MarkovMap",
+    "MixtureDenoiser",
+    "ModelError",
+    "NoiseSchedule",
+    "PicardMap",
+    "ScheduleError",
+    "UNetConfig",
+    "UNetDenoiser",
+    "diffusers_ddpm_noise",
+    "diffusers_loop",
+    "load_model",
+    "sample_loop",
+    "solve_chain",
+    "tiny_model",
+]
