@@ -6,8 +6,17 @@
 
 from .causality import check_causal
 from .maps import IncrementalMap, PlainMap, as_incremental
-from .methods import Anderson, GSJacobi, Jacobi, Method, Sequential, TriangularAnderson
-from .precision import PrecisionWarning, meaningful_tolerance, noise_floor
+from .methods import (
+    Anderson,
+    GSJacobi,
+    Jacobi,
+    Method,
+    PrefixMethod,
+    Problem,
+    Sequential,
+    TriangularAnderson,
+)
+from .precision import PrecisionWarning, meaningful_tolerance, noise_floor, rounding_unit
 from .result import NonCausalError, Result, SolveError, Status, TraceRow
 from .solve import solve
 
@@ -22,6 +31,8 @@ __all__ = [
     "NonCausalError",
     "PlainMap",
     "PrecisionWarning",
+    "PrefixMethod",
+    "Problem",
     "Result",
     "Sequential",
     "SolveError",
@@ -32,5 +43,6 @@ __all__ = [
     "check_causal",
     "meaningful_tolerance",
     "noise_floor",
+    "rounding_unit",
     "solve",
 ]

@@ -81,10 +81,12 @@ def _sampling_parser() -> argparse.ArgumentParser:
                             "or a paper-style spec such as '[6-8-32-10]' (default sequential)")
     group.add_argument("--modules", type=int, default=4,
                        help="module count when --strategy is gs-jacobi (default 4)")
-    group.add_argument("--tol", type=float, default=0.0,
-                       help="absolute tolerance for the iterative methods (default 0: iterate "
-                            "to the cap or exact finite termination; anderson keeps its own "
-                            "1e-6); in bfloat16 raised to the dtype's noise floor")
+    group.add_argument("--atol", type=float, default=None,
+                       help="absolute stopping tolerance of the iterative methods (default: "
+                            "stop at the rounding level of the iterate; 0 with --rtol 0: exact "
+                            "finite termination); raised to the dtype's noise floor")
+    group.add_argument("--rtol", type=float, default=None,
+                       help="relative stopping tolerance (default: see --atol)")
     group.add_argument("--guidance", type=float, default=0.0, help="CFG strength (default 0)")
     group.add_argument("--labels", default=None,
                        help="comma-separated class labels (cycled over the samples), or 'none' "
@@ -282,15 +284,15 @@ def _strategy(args: argparse.Namespace, config: Any) -> Any:
     import fixedpoint as fp
     from fixedpoint.tarflow.strategy import Strategy
 
-    spec, tol = args.strategy, args.tol
+    spec, tols = args.strategy, {"atol": args.atol, "rtol": args.rtol}
     name = spec.strip().lower()
     try:
         methods = {
             "sequential": lambda: fp.Sequential(),
-            "jacobi": lambda: fp.Jacobi(tol=tol),
-            "gs-jacobi": lambda: fp.GSJacobi(modules=args.modules, tol=tol),
-            "anderson": lambda: fp.Anderson() if tol == 0 else fp.Anderson(tol=tol),
-            "triangular-anderson": lambda: fp.TriangularAnderson(tol=tol),
+            "jacobi": lambda: fp.Jacobi(**tols),
+            "gs-jacobi": lambda: fp.GSJacobi(modules=args.modules, **tols),
+            "anderson": lambda: fp.Anderson(**tols),
+            "triangular-anderson": lambda: fp.TriangularAnderson(**tols),
         }
         if name in methods:
             if name == "gs-jacobi" and not 1 <= args.modules <= config.seq_len:
@@ -299,7 +301,7 @@ def _strategy(args: argparse.Namespace, config: Any) -> Any:
         if not spec.strip().startswith("["):
             raise ValueError(f"expected one of {', '.join(METHOD_NAMES)} or a spec like "
                              "'[1-4-8-5]' ([Stack-GS-J-Else])")
-        return Strategy.parse(spec, config.blocks, config.seq_len, tol=tol)
+        return Strategy.parse(spec, config.blocks, config.seq_len, **tols)
     except (ValueError, TypeError) as exc:
         raise UserError(f"bad --strategy {spec!r}: {exc}") from None
 
@@ -629,8 +631,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "demo":
         return cmd_demo(argv[1:])
     args = build_parser().parse_args(argv)
-    from fixedpoint.tarflow.checkpoint import CheckpointError
     from fixedpoint.data import DatasetError
+    from fixedpoint.tarflow.checkpoint import CheckpointError
     from fixedpoint.tarflow.train import TrainError
 
     try:

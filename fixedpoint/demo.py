@@ -19,11 +19,11 @@ from .systems import AffineAutoregressive, AttentionAutoregressive
 def demo_methods(length: int) -> list[m.Method]:
     return [
         m.Sequential(),
-        m.Jacobi(tol=1e-8),
-        m.GSJacobi(modules=4, tol=1e-8),
-        m.GSJacobi(modules=7, tol=1e-8),  # rarely divides T: uneven modules are fine
-        m.Anderson(memory=5, tol=1e-8, max_iter=4 * length),
-        m.TriangularAnderson(memory=3, tol=1e-8),
+        m.Jacobi(atol=1e-8),
+        m.GSJacobi(modules=4, atol=1e-8),
+        m.GSJacobi(modules=7, atol=1e-8),  # rarely divides T: uneven modules are fine
+        m.Anderson(memory=5, atol=1e-8, max_iter=4 * length),
+        m.TriangularAnderson(memory=3, atol=1e-8),
     ]
 
 

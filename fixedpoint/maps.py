@@ -52,14 +52,19 @@ class IncrementalMap(ABC):
     def committed(self, state: Any) -> int:
         """How many leading positions ``state`` holds."""
 
-    def positions_read(self, committed: int, lo: int, hi: int, length: int) -> int:
-        """Input positions one :meth:`advance` call must push through the network.
+    rows_per_sample: int = 1
+    """Network rows one sample costs (2 when classifier-free guidance runs a conditional
+    and an unconditional pass): ``token_evals`` counts rows x positions read."""
 
-        Used for the ``token_evals`` cost.  The default is exact for maps whose output
-        ``t`` is computed from input ``t - 1`` (a right shift, as in TarFlow): the new
-        inputs are ``committed .. hi - 2``.
+    def positions_read(self, committed: int, lo: int, hi: int, length: int) -> int:
+        """Input positions one :meth:`advance` call pushes through the network.
+
+        Used for the cost: ``token_evals`` counts them (times ``rows_per_sample``), and a
+        call that reads none is not a dependent step.  The default assumes the call
+        reads the new inputs ``committed .. hi - 1``; a map that needs fewer (a right
+        shift: output ``t`` from input ``t - 1``, as in TarFlow) says so by overriding.
         """
-        return max(hi - 1 - committed, 0)
+        return max(hi - committed, 0)
 
 
 class PlainMap(IncrementalMap):

@@ -1,50 +1,54 @@
 """Stopping tolerances that the arithmetic can actually resolve.
 
-A tolerance test ``|x_new - x_old| <= tol + rtol*|x_new|`` only means something if the
-map ``F`` is computed accurately enough to settle below ``tol``.  In low precision it is
-not: under ``torch.autocast`` with bfloat16 the iterates stay float32 but the network's
-linear layers run in bfloat16, so every evaluation of ``F`` carries rounding noise of
-order ``eps_bf16 * |x|`` (``eps_bf16 = 2**-7``), and an update that should be zero
-keeps flickering at that size.  A tolerance below the noise is never met: Jacobi then
-runs to its finite-termination bound (and reports SUCCESS only because of it), while
-Anderson, which has no such bound, ends in MAX_ITER.
+A tolerance test ``|x_new - x_old| <= atol + rtol*|x_new|`` only means something if the
+map ``F`` is computed accurately enough to settle below ``atol``.  Every evaluation of
+``F`` carries rounding noise of order ``eps * |x|`` in the unit ``eps`` of the arithmetic
+it runs in: float32 (``2**-23``), bfloat16 under ``torch.autocast`` (``2**-7``; the
+iterates stay float32 but the linear layers do not), TF32 matmuls on CUDA (``2**-10``).
+An update that should be zero keeps flickering at that size, so a tolerance below it is
+never met: the triangular methods then run to their finite-termination bound, Anderson
+to its cap.
 
-:func:`noise_floor` is the smallest tolerance worth asking for, :func:`compute_dtype`
-finds the precision the arithmetic really runs in, and :func:`meaningful_tolerance`
-warns about a tolerance below the floor and, if asked, lifts it to the floor.
+:func:`rounding_unit` finds ``eps`` for an iterate, :func:`noise_floor` is the smallest
+absolute tolerance worth asking for at a given scale, and :func:`meaningful_tolerance`
+warns about (and, if asked, lifts) tolerances below it.  These work for any method whose
+tolerances are fields named ``atol`` and ``rtol`` (floats or 1-D tensors); the default
+tolerance of every method (``None``) is at the floor by construction.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import sys
 import warnings
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
-from .methods import Anderson, GSJacobi, Jacobi, Method, Sequential, TriangularAnderson
-
 __all__ = [
     "NOISE_FLOOR_ULPS",
     "PrecisionWarning",
+    "arithmetic_name",
     "compute_dtype",
+    "low_tolerances",
     "meaningful_tolerance",
     "noise_floor",
+    "precision_message",
+    "raise_to_floor",
+    "rounding_unit",
 ]
 
 # Why 4 ulps: measured on the trained TarFlow checkpoints (CPU, batch 16, guidance 1,
-# Jacobi(tol) on every block, bf16 autocast vs float32).  digits (T=16): tol 1e-4 took
+# Jacobi on every block, bf16 autocast vs float32).  digits (T=16): tol 1e-4 took
 # [14,15,15,15] iterations per block in bf16 vs [7,9,12,15] in float32 (the cap is 15-16);
 # tol 1e-2 still [5,6,10,14]; at tol 3e-2 bf16 matched float32 ([4,5,7,11] vs
-# [4,5,7,10]).  mnist patch 2 (T=196): tol 1e-4 [127,150,150,177] vs [8,8,12,48]; tol
-# 3e-2 [5,7,9,56] vs [5,5,7,34].  So tolerances below ~4 eps_bf16 = 3.1e-2 sit in the
-# noise, and at 4 eps the iteration counts return to the float32 ones.
+# [4,5,7,10]).  So tolerances below ~4 eps_bf16 = 3.1e-2 sit in the noise.
 NOISE_FLOOR_ULPS = 4
-"""Noise floor in units of the dtype's machine epsilon (at unit scale)."""
+"""Noise floor in units of the arithmetic's rounding unit, relative to the iterate."""
+
+TF32_EPS = 2.0**-10
+"""Rounding unit of TF32 matmuls (10 explicit mantissa bits)."""
 
 
 class PrecisionWarning(UserWarning):
@@ -52,30 +56,27 @@ class PrecisionWarning(UserWarning):
 
 
 def noise_floor(dtype: torch.dtype, scale: float = 1.0) -> float:
-    """The smallest meaningful absolute stopping tolerance in ``dtype``.
-
-    Iterates (or maps) of magnitude ``scale`` computed in ``dtype`` are only resolved to
-    about ``NOISE_FLOOR_ULPS * eps * scale``; asking for less stalls the iteration.
+    """The smallest meaningful absolute stopping tolerance in ``dtype`` at ``scale``.
 
     >>> noise_floor(torch.bfloat16)
     0.03125
     """
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"noise_floor needs a floating-point torch dtype, got {dtype!r}")
+    return _floor(torch.finfo(dtype).eps, scale)
+
+
+def _floor(eps: float, scale: float) -> float:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise ValueError(f"scale must be a positive finite number, got {scale!r}")
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive finite number, got {scale!r}")
-    return NOISE_FLOOR_ULPS * torch.finfo(dtype).eps * float(scale)
+    return NOISE_FLOOR_ULPS * eps * float(scale)
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
-    """The dtype the arithmetic on ``x`` really runs in.
-
-    Under an enabled ``torch.autocast`` for ``x``'s device, eligible ops (matmuls,
-    linear layers) run in the autocast dtype; if that is coarser than ``x.dtype`` it
-    decides the noise.  Otherwise ``x.dtype``.
-    """
+    """The dtype the arithmetic on ``x`` really runs in: the autocast dtype if autocast is
+    enabled for ``x``'s device and coarser than ``x.dtype``, else ``x.dtype``."""
     device = x.device.type
     try:
         autocast = torch.is_autocast_enabled(device)
@@ -88,93 +89,97 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
-_M = TypeVar("_M", Sequential, Jacobi, GSJacobi, Anderson, TriangularAnderson)
+def rounding_unit(x: Tensor, *dtypes: torch.dtype) -> float:
+    """The rounding unit ``eps`` of the arithmetic on ``x``: the coarsest of
+    :func:`compute_dtype`, any further ``dtypes`` (e.g. a model's weights) and, for
+    float32 on CUDA with TF32 matmuls enabled, TF32."""
+    eps = max([torch.finfo(compute_dtype(x)).eps] + [torch.finfo(d).eps for d in dtypes])
+    if (x.device.type == "cuda" and x.dtype == torch.float32
+            and torch.backends.cuda.matmul.allow_tf32):
+        eps = max(eps, TF32_EPS)
+    return eps
 
 
-def _raise_to_floor(
-    method: _M, dtype: torch.dtype, scale: float
-) -> tuple[_M, dict[str, tuple[float, float]]]:
-    """``method`` with ``tol``/``rtol`` raised to the floor, and ``{name: (old, floor)}``.
+def _smallest_positive(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, Tensor):
+        positive = value[value > 0]
+        return float(positive.min()) if positive.numel() else None
+    return float(value) if value > 0 else None
 
-    No warning: callers that check many methods (``tarflow.reverse``) report once.
-    ``tol == 0`` / ``rtol == 0`` are deliberate (exact finite termination, or no
-    relative part) and stay as they are; Sequential has no tolerance.
-    """
-    if not isinstance(method, (Sequential, Jacobi, GSJacobi, Anderson, TriangularAnderson)):
-        raise TypeError(f"expected a fixedpoint method, got {type(method).__name__}")
-    if isinstance(method, Sequential):
-        return method, {}
-    floors = {"tol": noise_floor(dtype, scale), "rtol": noise_floor(dtype)}
+
+def low_tolerances(method: Any, eps: float, scale: float = 1.0) -> dict[str, tuple[float, float]]:
+    """``{name: (smallest positive value, floor)}`` for the method's ``atol`` / ``rtol``
+    that sit below the floor (``atol`` at ``scale``, ``rtol`` relative).  Zero means
+    "exact" and is never low; a method without such fields has none."""
+    floors = {"atol": _floor(eps, scale), "rtol": _floor(eps, 1.0)}
     low = {}
     for name, floor in floors.items():
-        value = getattr(method, name)
-        if 0 < value < floor:
+        value = _smallest_positive(getattr(method, name, None))
+        if value is not None and value < floor:
             low[name] = (value, floor)
+    return low
+
+
+_M = TypeVar("_M")
+
+
+def raise_to_floor(method: _M, low: dict[str, tuple[float, float]]) -> _M:
+    """``method`` with the tolerances named in ``low`` raised to their floors (a new
+    object: methods are frozen dataclasses); tensors are raised elementwise, keeping 0."""
     if not low:
-        return method, {}
-    return dataclasses.replace(method, **{k: f for k, (_, f) in low.items()}), low
+        return method
+    changes = {}
+    for name, (_, floor) in low.items():
+        value = getattr(method, name)
+        if isinstance(value, Tensor):
+            changes[name] = torch.where(value > 0, value.clamp(min=floor), value)
+        else:
+            changes[name] = floor
+    return dataclasses.replace(method, **changes)
 
 
-def _describe(method: Method, low: dict[str, tuple[float, float]]) -> str:
-    """E.g. ``Jacobi tol=1e-06 < floor 0.03125``."""
-    parts = ", ".join(f"{name}={old:g} < floor {floor:g}" for name, (old, floor) in low.items())
-    return f"{type(method).__name__} {parts}"
+def arithmetic_name(x: Tensor) -> str:
+    """``bfloat16``, ``float32``, ``float32 with TF32 matmuls``: what :func:`rounding_unit`
+    saw, for messages."""
+    name = str(compute_dtype(x)).replace("torch.", "")
+    if (x.device.type == "cuda" and x.dtype == torch.float32
+            and torch.backends.cuda.matmul.allow_tf32):
+        name += " with TF32 matmuls"
+    return name
 
 
-def _message(subject: str, dtype: torch.dtype, adjusted: bool) -> str:
-    floor = f"the noise floor of {dtype} is {NOISE_FLOOR_ULPS} eps times the iterates' scale"
+def precision_message(subject: str, low: dict[str, tuple[float, float]], eps: float,
+                      adjusted: bool, arithmetic: str = "") -> str:
+    """The text of a :class:`PrecisionWarning` about ``low`` tolerances of ``subject``."""
+    parts = ", ".join(f"{n}={v:g} < floor {f:g}" for n, (v, f) in low.items())
+    where = f" in {arithmetic}" if arithmetic else ""
+    floor = (f"the noise floor{where} is {NOISE_FLOOR_ULPS} ulps (eps={eps:g}) of the "
+             "iterate's scale")
     if adjusted:
-        return (
-            f"{subject}: {floor}; a tolerance below it cannot be met and would run the "
-            "solver to its iteration cap, so it was raised to the floor"
-        )
-    return (
-        f"{subject}: {floor}; a tolerance below it cannot be met, so the solver will likely "
-        "run to its iteration cap; use a tolerance at or above fixedpoint.noise_floor(dtype), "
-        "or tol=0 to ask for exact finite termination"
-    )
+        return (f"{subject} {parts}: {floor}; a tolerance below it cannot be met and would "
+                "run the solver to its iteration cap, so it was raised to the floor")
+    return (f"{subject} {parts}: {floor}; a tolerance below it cannot be met, so the solver "
+            "will likely run to its iteration cap; leave atol/rtol at None (the default, "
+            "at the floor) or use 0 to ask for exact finite termination")
 
 
 def meaningful_tolerance(
     method: _M, dtype: torch.dtype, *, scale: float = 1.0, adjust: bool = True
 ) -> _M:
-    """Check ``method``'s tolerances against the noise floor of ``dtype``.
-
-    If ``0 < method.tol < noise_floor(dtype, scale)`` (or ``0 < method.rtol <
-    noise_floor(dtype)``: a relative tolerance has no scale) a :class:`PrecisionWarning`
-    names the method, the dtype, the tolerance and the floor.  With ``adjust`` the
-    returned method has the offending tolerance raised to the floor (a new object; the
-    methods are frozen); without, ``method`` itself is returned.  ``tol == 0`` is a
-    deliberate request for exact finite termination and passes unchanged, as does
-    :class:`~fixedpoint.Sequential`, which has no tolerance.
-
-    ``scale`` is the magnitude of the iterates (the floor is absolute).
-    """
-    return _check_tolerance(method, dtype, scale=scale, adjust=adjust)
-
-
-def _check_tolerance(method: _M, dtype: torch.dtype, *, scale: float, adjust: bool) -> _M:
-    raised, low = _raise_to_floor(method, dtype, scale)
+    """Warn (:class:`PrecisionWarning`) if ``method``'s ``atol``/``rtol`` sit below the
+    noise floor of ``dtype`` at ``scale``; with ``adjust``, return it with them raised to
+    the floor, else ``method`` itself."""
+    if not dataclasses.is_dataclass(method) or isinstance(method, type):
+        raise TypeError(f"expected a fixedpoint method (a dataclass), got {method!r}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"expected a floating-point torch dtype, got {dtype!r}")
+    eps = torch.finfo(dtype).eps
+    low = low_tolerances(method, eps, scale)
     if not low:
         return method
-    warnings.warn(
-        _message(_describe(method, low), dtype, adjust),
-        PrecisionWarning,
-        stacklevel=_user_stacklevel(),
-    )
-    return raised if adjust else method
-
-
-_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
-
-
-def _user_stacklevel() -> int:
-    """``stacklevel`` for a ``warnings.warn`` in the caller: the first frame outside the
-    package, so the warning points at the user's line whichever entry point
-    (``fp.solve``, ``TarFlow.reverse``, ``tarflow.reverse``, ...) led here."""
-    frame = sys._getframe(1)  # the function that calls warnings.warn: stacklevel 1
-    level = 1
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE):
-        frame = frame.f_back
-        level += 1
-    return level
+    name = str(dtype).replace("torch.", "")
+    warnings.warn(precision_message(type(method).__name__, low, eps, adjust, name),
+                  PrecisionWarning, stacklevel=2)
+    return raise_to_floor(method, low) if adjust else method

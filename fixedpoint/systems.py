@@ -402,8 +402,7 @@ class AttentionAutoregressive(TriangularSystem, IncrementalMap):
     embedding; one causal multi-head self-attention layer with a residual connection and
     a tanh, ``g = tanh(u + attn(u) W_o)``; then ``s = scale_cap * tanh(g W_s)`` and
     ``m = toughness * (g W_m + b_m)`` (so ``F`` is bounded).  Output
-    ``t`` reads input ``t - 1`` (the right shift), so the default
-    :meth:`~fixedpoint.IncrementalMap.positions_read` is exact.
+    ``t`` reads input ``t - 1`` (the right shift), which :meth:`positions_read` counts.
 
     As an :class:`~fixedpoint.IncrementalMap` it keeps a preallocated key/value cache
     (:class:`AttentionState`); :meth:`plain` returns a plain-callable view of the same
@@ -513,6 +512,10 @@ class AttentionAutoregressive(TriangularSystem, IncrementalMap):
 
     def committed(self, state: AttentionState) -> int:
         return state.committed
+
+    def positions_read(self, committed: int, lo: int, hi: int, length: int) -> int:
+        # The right shift: outputs lo..hi-1 need inputs up to hi-2; committed.. are new.
+        return max(hi - 1 - committed, 0)
 
     def advance(self, state: AttentionState, x: Tensor, lo: int, hi: int) -> Tensor:
         T = self._check_input(x)

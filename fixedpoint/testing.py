@@ -275,6 +275,10 @@ def _boundaries(draw, length: int) -> tuple[int, ...]:
     return (0, *sorted(inner))
 
 
+EXACT = {"atol": 0.0, "rtol": 0.0}
+"""Tolerances that ask for exact agreement (finite termination decides)."""
+
+
 @st.composite
 def methods(
     draw,
@@ -284,7 +288,7 @@ def methods(
 ) -> Method:
     """Draw a method configuration for sequences of ``length`` positions.
 
-    Exact kinds use ``tol = rtol = 0`` and the default caps, so they must end at the
+    Exact kinds use ``atol = rtol = 0`` and the default caps, so they must end at the
     sequential solution.  GS-Jacobi draws module counts (divisors of ``T`` or not) and
     explicit boundaries.  ``anderson`` (not in the default ``kinds``) draws a safeguarded
     Anderson with a tolerance a little above the dtype's rounding and a generous cap.
@@ -293,22 +297,22 @@ def methods(
     if kind == "sequential":
         return Sequential()
     if kind == "jacobi":
-        return draw(st.sampled_from((Jacobi(), Jacobi(max_iter=length))))
+        return draw(st.sampled_from((Jacobi(**EXACT), Jacobi(max_iter=length, **EXACT))))
     if kind == "gsjacobi":
         if length > 1 and draw(st.booleans()):
-            return GSJacobi(modules=draw(_boundaries(length)))
+            return GSJacobi(modules=draw(_boundaries(length)), **EXACT)
         divisors = [g for g in range(1, length + 1) if length % g == 0]
         count = draw(st.sampled_from(divisors) | st.integers(1, length))
-        return GSJacobi(modules=count)
+        return GSJacobi(modules=count, **EXACT)
     if kind == "triangular_anderson":
         memory = draw(st.integers(1, 5))
         ridge = draw(st.sampled_from((1e-8, 1e-4, 0.0)))
-        return TriangularAnderson(memory=memory, ridge=ridge)
+        return TriangularAnderson(memory=memory, ridge=ridge, **EXACT)
     if kind == "anderson":
         memory = draw(st.integers(1, 6))
         damping = draw(st.sampled_from((1.0, 0.7)))
         tol = 1e-12 if dtype == torch.float64 else 1e-5
-        return Anderson(memory=memory, damping=damping, tol=tol, max_iter=max(200, 4 * length))
+        return Anderson(memory=memory, damping=damping, atol=tol, max_iter=max(200, 4 * length))
     raise ValueError(f"unknown method kind {kind!r}; expected one of {METHOD_KINDS}")
 
 
@@ -396,7 +400,7 @@ def assert_finite_termination(
 ) -> None:
     """Assert Jacobi's finite termination from ``x0``.
 
-    * ``fp.Jacobi()`` (tol 0) succeeds within ``length`` iterations (default ``T``) and
+    * ``fp.Jacobi(atol=0, rtol=0)`` succeeds within ``length`` iterations (default ``T``) and
       matches forward substitution;
     * for each ``k`` in ``steps`` (default ``1, 2, 3, T//2, T-1, T``), ``fp.Jacobi(max_iter=k)``
       runs at most ``k`` iterations and positions ``< k`` already match forward
@@ -405,12 +409,12 @@ def assert_finite_termination(
     T = x0.shape[1]
     bound = T if length is None else length
     ref = _reference(F, x0, reference)
-    full = solve(F, x0, Jacobi())
+    full = solve(F, x0, Jacobi(**EXACT))
     if full.status is not Status.SUCCESS or full.iterations > bound:
         raise AssertionError(f"Jacobi() did not finish within {bound} iterations: {full.summary()}")
     assert_close(full.x, ref, rtol, what="Jacobi()")
     for k in _default_steps(T) if steps is None else steps:
-        res = solve(F, x0, Jacobi(max_iter=k))
+        res = solve(F, x0, Jacobi(max_iter=k, **EXACT))
         if res.iterations > k:
             raise AssertionError(f"Jacobi(max_iter={k}) ran {res.iterations} iterations")
         assert_close(res.x[:, :k], ref[:, :k], rtol, what=f"Jacobi(max_iter={k}) positions < {k}")

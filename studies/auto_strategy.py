@@ -39,8 +39,8 @@ class Choice:
 
 
 def candidates(seq_len: int, tol: float) -> list[fp.Method]:
-    methods: list[fp.Method] = [fp.Jacobi(tol=tol), fp.TriangularAnderson(tol=tol)]
-    methods += [fp.GSJacobi(modules=g, tol=tol) for g in (2, 4, 8) if g < seq_len]
+    methods: list[fp.Method] = [fp.Jacobi(atol=tol), fp.TriangularAnderson(atol=tol)]
+    methods += [fp.GSJacobi(modules=g, atol=tol) for g in (2, 4, 8) if g < seq_len]
     return methods
 
 

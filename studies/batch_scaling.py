@@ -48,9 +48,9 @@ def run_model(preset: str, mode: Mode) -> dict:
     table = [BlockMetrics(**r) for r in read_json(mode.out_dir / f"crm_igm-{preset}.json")["table"]]
     plans = {
         "sequential": sequential_strategy(c.blocks),
-        "jacobi": Strategy.uniform(fp.Jacobi(tol=TOL), c.blocks),
+        "jacobi": Strategy.uniform(fp.Jacobi(atol=TOL), c.blocks),
         "paper rule": paper_rule(table, c.seq_len),
-        "triangular anderson": Strategy.uniform(fp.TriangularAnderson(tol=TOL), c.blocks),
+        "triangular anderson": Strategy.uniform(fp.TriangularAnderson(atol=TOL), c.blocks),
     }
     # Batch 256 on the T = 196 model would take most of the time budget by itself.
     batches = [b for b in mode.batch_sizes if b <= 64 or c.seq_len <= 64]

@@ -24,11 +24,11 @@ def methods(length: int) -> list[fp.Method]:
     tol = 1e-8
     return [
         fp.Sequential(),
-        fp.Jacobi(tol=tol),
-        fp.GSJacobi(modules=4, tol=tol),
-        fp.GSJacobi(modules=max(1, length // 8), tol=tol),
-        fp.Anderson(memory=5, tol=tol, max_iter=4 * length),
-        fp.TriangularAnderson(memory=3, tol=tol),
+        fp.Jacobi(atol=tol),
+        fp.GSJacobi(modules=4, atol=tol),
+        fp.GSJacobi(modules=max(1, length // 8), atol=tol),
+        fp.Anderson(memory=5, atol=tol, max_iter=4 * length),
+        fp.TriangularAnderson(memory=3, atol=tol),
     ]
 
 

@@ -63,10 +63,10 @@ def compare_on_block(model, reference, y, block: int) -> list[dict]:
     fmap = BlockInverse(model, block, zp, None if y is None else y[:n], guidance=GUIDANCE)
     T = model.config.seq_len
     makers = {
-        "Jacobi": lambda tol: fp.Jacobi(tol=tol),
-        "TriangularAnderson": lambda tol: fp.TriangularAnderson(tol=tol),
-        "Anderson": lambda tol: fp.Anderson(tol=tol, max_iter=2 * T),
-        **{f"GSJacobi(modules={g})": (lambda tol, g=g: fp.GSJacobi(modules=g, tol=tol))
+        "Jacobi": lambda tol: fp.Jacobi(atol=tol),
+        "TriangularAnderson": lambda tol: fp.TriangularAnderson(atol=tol),
+        "Anderson": lambda tol: fp.Anderson(atol=tol, max_iter=2 * T),
+        **{f"GSJacobi(modules={g})": (lambda tol, g=g: fp.GSJacobi(modules=g, atol=tol))
            for g in (2, 4, 8) if g < T},
     }
     rows = []
@@ -98,7 +98,7 @@ def run_model(preset: str, mode: Mode) -> dict:
     tough = max(range(c.blocks), key=lambda k: to_budget[k] or c.seq_len)
 
     methods = [fp.Jacobi()] * c.blocks
-    methods[tough] = fp.GSJacobi(modules=MODULES, tol=TOL)
+    methods[tough] = fp.GSJacobi(modules=MODULES, atol=TOL)
     gs = sample(model, z, y, per_block(methods), reference=reference, trace=True)
     gs_curve = block_curves(gs.blocks[tough])
     tough_table = compare_on_block(model, reference, y, tough)

@@ -124,8 +124,9 @@ def sequential_strategy(blocks: int) -> Strategy:
     return Strategy.uniform(fp.Sequential(), blocks)
 
 
-def jacobi_strategy(blocks: int, max_iter: int | None = None, tol: float = 0.0) -> Strategy:
-    return Strategy.uniform(fp.Jacobi(tol=tol, max_iter=max_iter), blocks)
+def jacobi_strategy(blocks: int, max_iter: int | None = None, atol: float | None = 0.0
+                    ) -> Strategy:
+    return Strategy.uniform(fp.Jacobi(atol=atol, max_iter=max_iter), blocks)
 
 
 def per_block(methods: Sequence[fp.Method], inits: Sequence[InitialGuess] | None = None

@@ -43,7 +43,7 @@ def run_model(preset: str, mode: Mode) -> dict[str, Any]:
     t = trained(preset, mode)
     model, blocks = t.model, t.model.config.blocks
     z, y = noise(model, BATCH, SEED)
-    jacobi = jacobi_strategy(blocks, tol=TOL)
+    jacobi = jacobi_strategy(blocks, atol=TOL)
     bf16 = torch.bfloat16
     variants: dict[str, tuple[Any, torch.dtype | None, bool]] = {
         "float32 sequential": (sequential_strategy(blocks), None, True),

@@ -54,10 +54,10 @@ def strategies(model, table: list[BlockMetrics], auto: dict[int, Strategy]) -> d
     K, T = c.blocks, c.seq_len
     out = {
         "sequential": sequential_strategy(K),
-        "jacobi": Strategy.uniform(fp.Jacobi(tol=TOL), K),
+        "jacobi": Strategy.uniform(fp.Jacobi(atol=TOL), K),
         "paper rule": paper_rule(table, T),
-        "anderson": Strategy.uniform(fp.Anderson(tol=TOL, max_iter=T), K),
-        "triangular anderson": Strategy.uniform(fp.TriangularAnderson(tol=TOL), K),
+        "anderson": Strategy.uniform(fp.Anderson(atol=TOL, max_iter=T), K),
+        "triangular anderson": Strategy.uniform(fp.TriangularAnderson(atol=TOL), K),
     }
     for b, s in auto.items():
         out[f"auto (b={b})"] = s

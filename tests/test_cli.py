@@ -81,9 +81,9 @@ def test_sample_sequential_writes_png_and_table(
     rows = [line.split() for line in lines[header + 2 : header + 4]]
     assert [r[0] for r in rows] == ["0", "1"]
     assert all("Sequential" in " ".join(r) and r[-1] == "SUCCESS" for r in rows)
-    # Sequential: T = 16 dependent steps per block.
+    # Sequential: T - 1 = 15 dependent steps per block (x_0 = z_0 needs no network call).
     total = next(line for line in lines if line.startswith("total")).split()
-    assert total[2] == "32"
+    assert total[2] == "30"
     assert f"wrote 4 samples to {png}" in out
 
 

@@ -51,7 +51,7 @@ def meter():
 
 
 def jacobi(model) -> Strategy:
-    return Strategy.uniform(fp.Jacobi(tol=1e-5), model.config.blocks)
+    return Strategy.uniform(fp.Jacobi(atol=1e-5), model.config.blocks)
 
 
 # ------------------------------------------------------------------- per-index pieces

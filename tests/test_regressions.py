@@ -20,7 +20,7 @@ def shift_with_one(x: torch.Tensor) -> torch.Tensor:
 
 def test_positions_behind_a_moving_input_do_not_freeze():
     x0 = torch.zeros(2, 7, 3, dtype=torch.float64)
-    for method in (fp.Jacobi(), fp.Jacobi(tol=1e-3), fp.GSJacobi(modules=3),
+    for method in (fp.Jacobi(), fp.Jacobi(atol=1e-3), fp.GSJacobi(modules=3),
                    fp.TriangularAnderson()):
         result = fp.solve(shift_with_one, x0, method)
         assert result.success
@@ -34,7 +34,7 @@ def test_accelerated_methods_survive_singular_least_squares_in_float32():
     taa = fp.solve(s, s.empty(), fp.TriangularAnderson())
     assert taa.success
     assert float((taa.x - exact).abs().max()) < 1e-5
-    aa = fp.solve(s, s.empty(), fp.Anderson(tol=1e-5, ridge=0.0))
+    aa = fp.solve(s, s.empty(), fp.Anderson(atol=1e-5, ridge=0.0))
     assert aa.status in (fp.Status.SUCCESS, fp.Status.MAX_ITER)
     assert torch.isfinite(aa.x).all()
 

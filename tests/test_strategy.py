@@ -58,9 +58,9 @@ def test_parse_img64cond_strategy():
 
 def test_parse_passes_tolerance_and_initial_guesses():
     inits = [InitialGuess.ZEROS_AFTER_FIRST] + [InitialGuess.NOISE] * 3
-    s = Strategy.parse(" [ 1 - 4 - 5 - 7 ] ", 4, 16, tol=1e-4, init=inits)
-    assert s.plans[1].method == fp.GSJacobi(modules=4, max_iter=5, tol=1e-4)
-    assert s.plans[0] == BlockPlan(fp.Jacobi(tol=1e-4, max_iter=7), InitialGuess.ZEROS_AFTER_FIRST)
+    s = Strategy.parse(" [ 1 - 4 - 5 - 7 ] ", 4, 16, atol=1e-4, init=inits)
+    assert s.plans[1].method == fp.GSJacobi(modules=4, max_iter=5, atol=1e-4)
+    assert s.plans[0] == BlockPlan(fp.Jacobi(atol=1e-4, max_iter=7), InitialGuess.ZEROS_AFTER_FIRST)
     assert str(s) == "[1-4-5-7] (init zeros: blocks 0)"
 
 
@@ -102,7 +102,7 @@ def test_parse_rejects_bad_arguments():
 def test_uniform_and_unrepresentable_strategies():
     s = Strategy.uniform(fp.Sequential(), 3)
     assert s.blocks == 3 and s.to_spec() is None
-    assert str(s).startswith("0: Sequential, init z")
+    assert str(s).startswith("0: Sequential(), init z")
     with pytest.raises(ValueError, match="non-empty"):
         Strategy(())
     with pytest.raises(TypeError, match="fixedpoint method"):

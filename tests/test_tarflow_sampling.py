@@ -65,7 +65,7 @@ METHODS = {
     "gsjacobi-5-not-dividing": fp.GSJacobi(modules=5),
     "gsjacobi-boundaries": fp.GSJacobi(modules=(0, 1, 9)),
     "triangular-anderson": fp.TriangularAnderson(),
-    "anderson": fp.Anderson(tol=1e-6, max_iter=300),
+    "anderson": fp.Anderson(atol=1e-6, max_iter=300),
 }
 
 GUIDANCE = {
@@ -159,7 +159,8 @@ def test_sample_structure_and_inputs_untouched(cond_model):
     assert len(s.blocks) == 4 and all(isinstance(r, fp.Result) for r in s.blocks)
     assert len(s.intermediates) == 4 + 2  # noise, one per block, denoised
     assert torch.equal(s.intermediates[-1], s.x)
-    assert all(r.dependent_steps == 16 for r in s.blocks)
+    # T = 16 positions; x_0 = z_0 needs no network call, so 15 dependent steps.
+    assert all(r.iterations == 16 and r.dependent_steps == 15 for r in s.blocks)
     assert s.blocks[0].trace is not None
 
 
@@ -197,7 +198,7 @@ def test_autocast_bfloat16_sampling_runs_and_is_close(cond_model):
         seq = cond_model.reverse(z, torch.tensor([1, 2, 3]), guidance=1.0)
         floor = fp.noise_floor(torch.bfloat16)  # a tolerance bf16 can resolve
         jac = cond_model.reverse(z, torch.tensor([1, 2, 3]), guidance=1.0,
-                                 strategy=Strategy.uniform(fp.Jacobi(tol=floor), 4))
+                                 strategy=Strategy.uniform(fp.Jacobi(atol=floor), 4))
     assert seq.x.dtype == torch.float32
     torch.testing.assert_close(seq.x, ref, rtol=0, atol=0.1)
     torch.testing.assert_close(jac.x, seq.x, rtol=0, atol=0.1)

@@ -111,7 +111,7 @@ def test_methods_strategy_draws_valid_configurations(T, data):
         assert edges[0] == 0 and edges[-1] == T
         assert all(a < b for a, b in zip(edges[:-1], edges[1:]))
     if isinstance(method, (fp.Jacobi, fp.GSJacobi, fp.TriangularAnderson)):
-        assert method.tol == 0 and method.rtol == 0
+        assert method.atol == 0 and method.rtol == 0
 
 
 def test_methods_strategy_covers_non_divisors_and_boundaries():

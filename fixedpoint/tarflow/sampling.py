@@ -24,9 +24,8 @@ test oracle and as the benchmark's baseline.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -35,11 +34,11 @@ from torch import Tensor
 import fixedpoint as fp
 from fixedpoint.precision import (
     PrecisionWarning,
-    _describe,
-    _message,
-    _raise_to_floor,
-    _user_stacklevel,
-    compute_dtype,
+    arithmetic_name,
+    low_tolerances,
+    precision_message,
+    raise_to_floor,
+    rounding_unit,
 )
 
 from .model import KVCache, MetaBlock, TarFlow, wide
@@ -173,6 +172,16 @@ class BlockInverse(fp.IncrementalMap):
     def committed(self, state: BlockInverseState) -> int:
         return state.cache.length
 
+    @property
+    def rows_per_sample(self) -> int:
+        """CFG runs the conditional and the unconditional pass: two network rows."""
+        return 2 if self.cfg else 1
+
+    def positions_read(self, committed: int, lo: int, hi: int, length: int) -> int:
+        # Inputs committed..end-1 go through the network (see advance); input T-1 never.
+        end = min(max(hi - 1, lo), length - 1)
+        return max(end - committed, 0)
+
     def advance(self, state: BlockInverseState, x: Tensor, lo: int, hi: int) -> Tensor:
         cache = state.cache
         n, T = cache.length, self.config.seq_len
@@ -302,9 +311,7 @@ def reverse(
     refs = _reference_list(reference, K)
 
     x = z * model.var.sqrt().to(z.dtype)
-    strategy, warned = _check_tolerances(model, x, strategy, adjust_tolerance)
-    # After our one warning, fp.solve's own check (per block) would only repeat it.
-    quiet = _ignoring if warned else contextlib.nullcontext
+    strategy, _ = _check_tolerances(model, x, strategy, adjust_tolerance)
     intermediates = [model.unpatchify(x)]
     results: list[fp.Result | None] = [None] * K
     for k in reversed(range(K)):
@@ -318,9 +325,9 @@ def reverse(
         ref = refs[k]
         if ref is not None and not isinstance(reference, Sample):
             ref = block.permute(ref)  # a Sample's block solutions are already permuted
-        with quiet():
-            res = fp.solve(fmap, _initial_guess(zp, plan.init), plan.method, trace=trace,
-                           reference=ref)
+        # Tolerances were checked above, once for all blocks.
+        res = fp.solve(fmap, _initial_guess(zp, plan.init), plan.method, trace=trace,
+                       reference=ref, check_precision=False)
         results[k] = res
         x = block.permute(res.x)
         intermediates.append(model.unpatchify(x))
@@ -338,39 +345,33 @@ def _check_tolerances(
 ) -> tuple[Strategy, bool]:
     """The strategy with tolerances below the noise floor raised (if ``adjust``).
 
-    Emits at most one :class:`PrecisionWarning` for all blocks; returns whether it did.
+    The floor is taken at the scale of the iterate (the largest token magnitude of the
+    scaled noise) in the coarsest arithmetic involved (the iterate, the weights,
+    autocast).  Emits at most one :class:`PrecisionWarning` for all blocks; returns
+    whether it did.
     """
-    dtype = compute_dtype(x)
-    weights = model.blocks[0].proj_in.weight.dtype
-    if torch.finfo(weights).eps > torch.finfo(dtype).eps:
-        dtype = weights
-    plans, low = [], {}
+    eps = rounding_unit(x, model.blocks[0].proj_in.weight.dtype)
+    scale = max(float(x.abs().max()), 1.0)
+    plans, low_blocks = [], {}
     for k, plan in enumerate(strategy.plans):
-        # Scale 1: the prior noise and the data tokens (in [-1, 1]) are of unit scale.
-        method, found = _raise_to_floor(plan.method, dtype, 1.0)
-        if found:
-            low.setdefault(_describe(plan.method, found), []).append(k)
+        low = low_tolerances(plan.method, eps, scale)
+        if low:
+            text = ", ".join(f"{n}={v:g} < floor {f:g}" for n, (v, f) in low.items())
+            low_blocks.setdefault(f"{type(plan.method).__name__} {text}", []).append(k)
             if adjust:
-                plan = BlockPlan(method, plan.init)
+                plan = BlockPlan(raise_to_floor(plan.method, low), plan.init)
         plans.append(plan)
-    if not low:
+    if not low_blocks:
         return strategy, False
     subject = "; ".join(
         f"block{'s' if len(ks) > 1 else ''} {','.join(map(str, ks))}: {what}"
-        for what, ks in low.items()
+        for what, ks in low_blocks.items()
     )
-    message = _message(f"reverse: {subject}", dtype, adjust)
+    message = precision_message(f"reverse: {subject};", {}, eps, adjust, arithmetic_name(x))
     if adjust:
         message += " (adjust_tolerance=False keeps the given tolerances)"
-    warnings.warn(message, PrecisionWarning, stacklevel=_user_stacklevel())
+    warnings.warn(message, PrecisionWarning, stacklevel=3)
     return (Strategy(tuple(plans)) if adjust else strategy), True
-
-
-@contextlib.contextmanager
-def _ignoring() -> Iterator[None]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", PrecisionWarning)
-        yield
 
 
 def _reference_list(

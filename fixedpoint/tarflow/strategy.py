@@ -40,7 +40,6 @@ class InitialGuess(enum.Enum):
     ZEROS_AFTER_FIRST = "zeros"  # x0 = z at position 0 (exact there), 0 elsewhere
 
 
-_METHODS = (fp.Sequential, fp.Jacobi, fp.GSJacobi, fp.Anderson, fp.TriangularAnderson)
 
 
 @dataclass(frozen=True)
@@ -51,7 +50,7 @@ class BlockPlan:
     init: InitialGuess = InitialGuess.NOISE
 
     def __post_init__(self) -> None:
-        if not isinstance(self.method, _METHODS):
+        if not isinstance(self.method, fp.Method):
             raise TypeError(f"method must be a fixedpoint method, got {self.method!r}")
         if not isinstance(self.init, InitialGuess):
             raise TypeError(f"init must be an InitialGuess, got {self.init!r}")
@@ -61,18 +60,7 @@ class BlockPlan:
 
 
 def _method_text(m: fp.Method) -> str:
-    name = type(m).__name__
-    if isinstance(m, fp.Sequential):
-        return name
-    if isinstance(m, fp.GSJacobi):
-        parts = [f"modules={m.modules}", f"max_iter={m.max_iter}"]
-    elif isinstance(m, fp.Jacobi):
-        parts = [f"max_iter={m.max_iter}"]
-    else:
-        parts = [f"memory={m.memory}", f"max_iter={m.max_iter}"]
-    if m.tol or m.rtol:
-        parts.append(f"tol={m.tol:g}, rtol={m.rtol:g}")
-    return f"{name}({', '.join(parts)})"
+    return m.describe()
 
 
 _SPEC = re.compile(r"^\[([^\[\]]*)\]$")
@@ -111,15 +99,15 @@ class Strategy:
         blocks: int,
         seq_len: int,
         *,
-        tol: float = 0.0,
-        rtol: float = 0.0,
+        atol: float | None = None,
+        rtol: float | None = None,
         init: InitialGuess | Sequence[InitialGuess] = InitialGuess.NOISE,
     ) -> Strategy:
         """Parse the paper notation ``[Stack-GS-J-Else]`` for a ``blocks``-block model.
 
-        ``tol`` / ``rtol`` go to every method (the default 0 lets the iteration caps and
-        finite termination decide, as the paper's runs effectively did).  ``init`` is one
-        initial guess for all blocks or one per block (forward order).
+        ``atol`` / ``rtol`` go to every method (default None: stop at the rounding level;
+        0 lets the iteration caps and finite termination decide, as the paper's runs did).
+        ``init`` is one initial guess for all blocks or one per block (forward order).
         """
         if not isinstance(blocks, int) or blocks < 1:
             raise ValueError(f"blocks must be a positive int, got {blocks!r}")
@@ -177,10 +165,10 @@ class Strategy:
                 )
         inits = _inits(init, blocks)
         methods: list[fp.Method] = [
-            fp.Jacobi(tol=tol, rtol=rtol, max_iter=other[0]) for _ in range(blocks)
+            fp.Jacobi(atol=atol, rtol=rtol, max_iter=other[0]) for _ in range(blocks)
         ]
         for b, g, j in zip(stack, gs, jmax):
-            methods[b] = fp.GSJacobi(modules=g, max_iter=j, tol=tol, rtol=rtol)
+            methods[b] = fp.GSJacobi(modules=g, max_iter=j, atol=atol, rtol=rtol)
         return cls(tuple(BlockPlan(mt, it) for mt, it in zip(methods, inits)))
 
     def to_spec(self) -> str | None:
@@ -199,7 +187,7 @@ class Strategy:
                 other.add(m.max_iter)
             else:
                 return None
-            tols.add((m.tol, m.rtol))
+            tols.add((m.atol, m.rtol))
         if len(tols) != 1 or len(other) > 1 or not stack:
             return None
         else_cap = other.pop() if other else 1
@@ -240,8 +228,8 @@ def select_strategy(
     jacobi_max_iter: int = 10,
     threshold: float = 1.5,
     igm: str = "paper",
-    tol: float = 0.0,
-    rtol: float = 0.0,
+    atol: float | None = None,
+    rtol: float | None = None,
 ) -> Strategy:
     """The paper's rule: split CRM-dominant blocks into modules, pick starts by IGM.
 
@@ -266,10 +254,10 @@ def select_strategy(
     plans = []
     for row in table:
         if row.crm_percent > cut:
-            method: fp.Method = fp.GSJacobi(modules=modules, max_iter=gs_max_iter, tol=tol,
+            method: fp.Method = fp.GSJacobi(modules=modules, max_iter=gs_max_iter, atol=atol,
                                             rtol=rtol)
         else:
-            method = fp.Jacobi(tol=tol, rtol=rtol, max_iter=jacobi_max_iter)
+            method = fp.Jacobi(atol=atol, rtol=rtol, max_iter=jacobi_max_iter)
         noise = _finite_or_inf(getattr(row, f"igm_{igm}_noise"))
         zeros = _finite_or_inf(getattr(row, f"igm_{igm}_zeros"))
         init = InitialGuess.ZEROS_AFTER_FIRST if zeros < noise else InitialGuess.NOISE

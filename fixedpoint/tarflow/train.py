@@ -32,13 +32,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fixedpoint.data import Dataset, load_dataset
 from fixedpoint.tarflow.checkpoint import (
     Checkpoint,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
 )
-from fixedpoint.data import Dataset, load_dataset
 from fixedpoint.tarflow.model import TarFlow, TarFlowConfig
 
 __all__ = [
