@@ -162,8 +162,7 @@ class FInCSystem(IncrementalMap):
         ww = w[:, None, None] + self._taps[None, None, :]
         valid = (hh >= 0) & (ww >= 0)
         index = hh.clamp(min=0) * self.width + ww.clamp(min=0)
-        patch = xp[:, index]  # (B, n, k, k, C)
-        patch = torch.where(valid[None, ..., None], patch, torch.zeros((), dtype=xp.dtype))
+        patch = xp[:, index].masked_fill(~valid[None, ..., None], 0.0)  # (B, n, k, k, C)
         return torch.einsum("bnuvi,oiuv->bno", patch, weight)
 
     def _band(self, xp: Tensor, row0: int, row1: int, weight: Tensor) -> Tensor:
@@ -328,8 +327,7 @@ class ChannelSystem(FInCSystem):
         ww = w[:, None, None] + self._taps[None, None, :]
         valid = (hh >= 0) & (ww >= 0)
         index = hh.clamp(min=0) * self.width + ww.clamp(min=0)
-        patch = xp[:, index]
-        patch = torch.where(valid[None, ..., None], patch, torch.zeros((), dtype=xp.dtype))
+        patch = xp[:, index].masked_fill(~valid[None, ..., None], 0.0)
         term = torch.einsum("bnuvi,niuv->bn", patch, self.strict_kernel[channel])
         return (self.rhs_pixels[:, pixels, channel] - term)[..., None]
 

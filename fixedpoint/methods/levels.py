@@ -53,6 +53,7 @@ class PositionMap(Protocol):
 class _State:
     groups: list[Tensor]
     windows: list[tuple[int, int]]
+    direct: bool
     next: int = 0
     finished: bool = False
 
@@ -88,7 +89,8 @@ class LevelSchedule(Method):
         values, counts = torch.unique_consecutive(levels[order], return_counts=True)
         groups = list(torch.split(order, counts.tolist()))
         windows = [(int(g.min()), int(g.max()) + 1) for g in groups]
-        return _State(groups, windows)
+        # Decided once: a runtime protocol check is slow enough to show in a step.
+        return _State(groups, windows, direct=isinstance(problem.fmap, PositionMap))
 
     def done(self, problem: Problem, state: _State) -> bool:
         if state.finished:
@@ -102,12 +104,11 @@ class LevelSchedule(Method):
     def step(self, problem: Problem, state: _State) -> _State:
         positions = state.groups[state.next]
         lo, hi = state.windows[state.next]
-        fmap = problem.fmap
-        if isinstance(fmap, PositionMap):
+        if state.direct:
             # Positions straight from the map: cost is exactly the level's positions.
             problem.dependent_steps += 1
             problem.token_evals += problem.batch * problem.rows * len(positions)
-            f = fmap.evaluate_at(problem.x, positions)
+            f = problem.fmap.evaluate_at(problem.x, positions)
         else:
             f = problem.evaluate(lo, hi)[:, positions - lo]
         alive = problem.alive
