@@ -5,11 +5,13 @@
 """
 
 from .causality import check_causal
+from .levels_probe import check_levels, dependency_levels
 from .maps import IncrementalMap, PlainMap, as_incremental
 from .methods import (
     Anderson,
     GSJacobi,
     Jacobi,
+    LevelSchedule,
     Method,
     PrefixMethod,
     Problem,
@@ -27,6 +29,7 @@ __all__ = [
     "GSJacobi",
     "IncrementalMap",
     "Jacobi",
+    "LevelSchedule",
     "Method",
     "NonCausalError",
     "PlainMap",
@@ -41,6 +44,8 @@ __all__ = [
     "TriangularAnderson",
     "as_incremental",
     "check_causal",
+    "check_levels",
+    "dependency_levels",
     "meaningful_tolerance",
     "noise_floor",
     "rounding_unit",

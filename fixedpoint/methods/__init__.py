@@ -11,6 +11,7 @@ from .anderson import Anderson
 from .base import Method, Problem
 from .gs_jacobi import GSJacobi, Modules
 from .jacobi import Jacobi
+from .levels import LevelSchedule, PositionMap
 from .sequential import Sequential
 from .sweep import PrefixMethod, PrefixState, Proposer
 from .tolerance import Tolerance, ToleranceLike
@@ -20,8 +21,10 @@ __all__ = [
     "Anderson",
     "GSJacobi",
     "Jacobi",
+    "LevelSchedule",
     "Method",
     "Modules",
+    "PositionMap",
     "PrefixMethod",
     "PrefixState",
     "Problem",
