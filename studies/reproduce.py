@@ -94,7 +94,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=MODES, default="fast")
     parser.add_argument("--force", action="store_true", help="rerun studies already finished")
-    parser.add_argument("--only", nargs="*", help="run only these studies (names above)")
+    names = [name for name, _, _ in STUDIES]
+    # choices: an unknown name is refused (exit 2) instead of running nothing and still
+    # rewriting the paper.
+    parser.add_argument("--only", nargs="*", choices=names, metavar="STUDY",
+                        help="run only these studies: " + ", ".join(names))
     parser.add_argument("--models", nargs="*", help="restrict to these training presets")
     parser.add_argument("--out", type=Path, help="output directory (default: the mode's)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(),

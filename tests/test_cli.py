@@ -234,3 +234,22 @@ def test_python_dash_m(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr == f"fixedpoint sample: error: no checkpoint at {missing}\n"
     assert proc.stdout == ""
+
+
+def test_reproduce_refuses_unknown_study_and_lists_names(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import importlib
+
+    reproduce = importlib.import_module("studies.reproduce")
+    names = [name for name, _, _ in reproduce.STUDIES]
+    with pytest.raises(SystemExit):
+        reproduce.main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "run only these studies: " + ", ".join(names) in help_text
+    # Refused while parsing: nothing runs and paper.md is not rewritten.
+    with pytest.raises(SystemExit) as info:
+        reproduce.main(["--only", "bogus"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'bogus'" in err and all(repr(n) in err for n in names)
