@@ -16,6 +16,7 @@ from .methods import (
     PrefixMethod,
     Problem,
     Sequential,
+    SlidingWindow,
     TriangularAnderson,
 )
 from .precision import PrecisionWarning, meaningful_tolerance, noise_floor, rounding_unit
@@ -38,6 +39,7 @@ __all__ = [
     "Problem",
     "Result",
     "Sequential",
+    "SlidingWindow",
     "SolveError",
     "Status",
     "TraceRow",

@@ -16,7 +16,14 @@ from .chain import Chain, DDIMChain, DDPMChain, EulerChain, HeunChain
 from .maps import ChainMap, MarkovMap, PicardMap
 from .mixture import GaussianMixture, MixtureDenoiser
 from .model import DiffusionModel, ModelError, UNetConfig, UNetDenoiser, load_model, tiny_model
-from .sampling import diffusers_ddpm_noise, diffusers_loop, sample_loop, solve_chain
+from .sampling import (
+    block_picard,
+    diffusers_ddpm_noise,
+    diffusers_loop,
+    paradigms_tolerance,
+    sample_loop,
+    solve_chain,
+)
 from .schedule import NoiseSchedule, ScheduleError
 
 __all__ = [
@@ -36,9 +43,11 @@ __all__ = [
     "ScheduleError",
     "UNetConfig",
     "UNetDenoiser",
+    "block_picard",
     "diffusers_ddpm_noise",
     "diffusers_loop",
     "load_model",
+    "paradigms_tolerance",
     "sample_loop",
     "solve_chain",
     "tiny_model",

@@ -256,6 +256,6 @@ def _check_conditioning(
     labels = torch.as_tensor(labels)
     if labels.ndim != 1 or labels.shape[0] != batch:
         raise ValueError(f"labels must have shape ({batch},), got {tuple(labels.shape)}")
-    if labels.is_floating_point() or bool(((labels < 0) | (labels >= classes)).any()):
-        raise ValueError(f"labels must be integers in [0, {classes})")
+    if labels.is_floating_point() or bool(((labels < 0) | (labels > classes)).any()):
+        raise ValueError(f"labels must be integers in [0, {classes}] ({classes}: no class)")
     return labels.long(), None if guidance is None else float(guidance)

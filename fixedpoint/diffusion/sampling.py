@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..methods import GSJacobi
 from ..result import Result
 from ..solve import solve
 from .chain import Chain, DDPMChain
@@ -26,6 +27,8 @@ from .model import DiffusionModel
 
 __all__ = [
     "ChainSample",
+    "block_picard",
+    "paradigms_tolerance",
     "diffusers_ddpm_noise",
     "diffusers_loop",
     "sample_loop",
@@ -137,3 +140,30 @@ def diffusers_loop(
             else:
                 x = scheduler.step(eps, t, x, generator=generator).prev_sample
     return x
+
+
+def paradigms_tolerance(chain: Chain, tau: float = 0.1) -> Tensor:
+    """Per-position ``atol`` for ParaDiGMS's stopping rule, for ``SlidingWindow(rms=True)``.
+
+    ParaDiGMS stops step ``n`` when ``||dx_n||^2 / (d sigma_n^2) <= tau^2``, with
+    ``sigma_n^2`` the step's noise variance (:attr:`Chain.variance`): an RMS update of at
+    most ``tau * sigma_n``.  Returned as a float64 tensor over the ``N`` positions.
+    """
+    if not tau > 0:
+        raise ValueError(f"tau must be > 0, got {tau!r}")
+    return tau * chain.variance.sqrt()
+
+
+def block_picard(blocks: int, iterations: int) -> GSJacobi:
+    """Chen et al.'s block Picard iteration as a core method (use it on a :class:`PicardMap`).
+
+    The horizon is split into ``blocks`` consecutive blocks of steps, solved in order;
+    inside each, ``iterations`` Picard (Jacobi-on-the-integral-form) sweeps update all
+    of the block's grid points at once, from the block's (already final) start state.
+    That is block Gauss-Seidel over modules with a fixed iteration count per module:
+    ``GSJacobi(modules=blocks, max_iter=iterations)`` with a zero tolerance, so each
+    block runs its ``iterations`` unless it is exact sooner.  A block that did not
+    converge leaves the status ``MAX_ITER``: the fixed count, not a tolerance, is the
+    stopping rule.
+    """
+    return GSJacobi(modules=blocks, max_iter=iterations, atol=0.0, rtol=0.0)

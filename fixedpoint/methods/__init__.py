@@ -16,6 +16,7 @@ from .sequential import Sequential
 from .sweep import PrefixMethod, PrefixState, Proposer
 from .tolerance import Tolerance, ToleranceLike
 from .triangular_anderson import TriangularAnderson
+from .window import SlidingWindow
 
 __all__ = [
     "Anderson",
@@ -30,6 +31,7 @@ __all__ = [
     "Problem",
     "Proposer",
     "Sequential",
+    "SlidingWindow",
     "Tolerance",
     "ToleranceLike",
     "TriangularAnderson",
