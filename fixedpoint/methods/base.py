@@ -106,7 +106,9 @@ class Problem:
         self.eps = eps
         self.state = fmap.init_state(self.x)
         self.rows = int(getattr(fmap, "rows_per_sample", 1))
-        self._status = torch.zeros(self.batch, dtype=torch.int8, device=self.device)
+        # Per-sample outcome as device masks (no host round trip while iterating).
+        self.alive = torch.ones(self.batch, dtype=torch.bool, device=self.device)
+        self.capped = torch.zeros_like(self.alive)
         self.sample_iterations = torch.zeros(self.batch, dtype=torch.long, device=self.device)
         self.module_iterations: list[int] = []
         self.dependent_steps = 0
@@ -142,23 +144,23 @@ class Problem:
                 f"the map returned {f.dtype} on {f.device}, expected {self.dtype} on "
                 f"{self.device} (the dtype and device of x0)"
             )
+        if f.untyped_storage().data_ptr() == self.x.untyped_storage().data_ptr():
+            f = f.clone()  # a view of the iterate: methods update the iterate in place
         return f
 
     # ---- per-sample bookkeeping (device tensors, no synchronisation) -----------------
 
-    @property
-    def alive(self) -> Tensor:
-        """Per sample: not failed."""
-        return self._status != _NONFINITE
-
     def fail(self, samples: Tensor) -> None:
         """Mark ``samples`` (a bool mask) NONFINITE."""
-        self._status = torch.where(samples, _NONFINITE, self._status).to(torch.int8)
+        self.alive &= ~samples
+
+    def keep_alive(self, ok: Tensor) -> None:
+        """Mark the samples *not* in ``ok`` NONFINITE (one op fewer than :meth:`fail`)."""
+        self.alive &= ok
 
     def cap_reached(self, samples: Tensor) -> None:
-        """Mark ``samples`` MAX_ITER unless they already failed."""
-        hit = samples & (self._status == _SUCCESS)
-        self._status = torch.where(hit, _MAX_ITER, self._status).to(torch.int8)
+        """Mark ``samples`` MAX_ITER (a failure, if any, takes precedence)."""
+        self.capped |= samples
 
     def count_iteration(self, active: Tensor) -> None:
         """One more iteration for the samples in ``active``."""
@@ -176,14 +178,13 @@ class Problem:
     # ---- the result -------------------------------------------------------------------
 
     def result(self, wall_time: float) -> Result:
-        codes = self._status.tolist()
-        statuses = tuple(Status(c) for c in codes)
-        converged = self._status == _SUCCESS
+        codes = torch.where(self.alive, torch.where(self.capped, _MAX_ITER, _SUCCESS), _NONFINITE)
+        statuses = tuple(Status(c) for c in codes.tolist())
         # A sample reported converged must be finite everywhere: guard the contract.
-        converged = (converged & torch.isfinite(self.x).flatten(1).all(1)).cpu()
+        converged = (codes == _SUCCESS) & torch.isfinite(self.x).flatten(1).all(1)
         return Result(
             x=self.x,
-            converged=converged,
+            converged=converged.cpu(),
             status=max(statuses, key=lambda s: s.value),
             sample_status=statuses,
             iterations=sum(self.module_iterations),

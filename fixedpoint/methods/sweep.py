@@ -19,6 +19,7 @@ iteration cap per module), :meth:`PrefixMethod.window` and :meth:`PrefixMethod.p
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -58,7 +59,8 @@ class PrefixState:
     any_alive: bool = True
     proposer: Proposer | None = None
     finished: bool = False
-    positions: Tensor | None = None
+    columns: Tensor | None = None  # (1, T): 0 .. T-1
+    hi_column: Tensor | None = None  # (B,): hi
 
 
 class PrefixMethod(Method):
@@ -96,7 +98,7 @@ class PrefixMethod(Method):
             device=problem.device, dtype=problem.dtype,
         )
         state = PrefixState(edges=self.edges(problem.length), tol=tol)
-        state.positions = torch.arange(problem.length, device=problem.device)
+        state.columns = torch.arange(problem.length, device=problem.device)[None, :]
         _next_module(self, problem, state)
         return state
 
@@ -104,46 +106,54 @@ class PrefixMethod(Method):
         return state.finished
 
     def step(self, problem: Problem, state: PrefixState) -> PrefixState:
+        # Written for few tensor operations: on small problems each costs more than the
+        # arithmetic (see studies/bench_overhead.py).
         s = state
-        lo, hi = s.lo, s.hi
+        lo, hi, p = s.lo, s.hi, s.p
         width = self.window()
         end = hi if width is None else min(hi, lo + width)
-        p = s.p
         f = problem.evaluate(lo, end)
         x_old = problem.x[:, lo:end]
-        window = s.positions[lo:end]
-        active = p < hi
-        problem.count_iteration(active)
-        unfrozen = window[None, :] >= p[:, None]
+        problem.count_iteration(p < hi)
+        # Sample b's positions before p[b] are frozen.
+        unfrozen = s.columns[:, lo:end] >= p[:, None]
         excess = s.tol.excess(x_old, f, lo)
-        # A non-finite value at an unfrozen position stops the sample; it keeps its last
-        # finite iterate (no write below touches it).
-        broken = (~torch.isfinite(excess) & unfrozen).any(1)
-        problem.fail(broken)
-        unfrozen = unfrozen & ~broken[:, None]
-        proposal = f
-        if s.proposer is not None:
-            first = unfrozen & (window[None, :] == p[:, None])
-            proposal = s.proposer.propose(x_old, f, lo, unfrozen, first)
-        # Freeze up to (and including) the first position that moved: its inputs had
-        # settled, so its plain value is final; everything after it waits.
-        moving = unfrozen & ~(excess <= 0)
-        stop = torch.where(moving.any(1), lo + moving.int().argmax(1) + 1, end)
-        stop = torch.where(active & ~broken, stop, torch.where(broken, hi, p))
-        freezing = unfrozen & (window[None, :] < stop[:, None])
-        x_new = torch.where(unfrozen[..., None], proposal, x_old)
-        x_new = torch.where(freezing[..., None], f, x_new)
+        # A non-finite value stops the sample, which keeps its last finite iterate.  (Its
+        # frozen positions are recomputed from final inputs, hence finite: one reduction
+        # over the window suffices; NaN compares false.)
+        ok = excess.amax(1) < math.inf
+        problem.keep_alive(ok)
+        # Freeze up to and including the first unfrozen position that moved: its inputs
+        # had settled, so its plain value is final; everything after it waits.  Marking
+        # the window's last column makes "nothing moved" land on `end`.
+        moving = unfrozen & (excess > 0)
+        moving[:, -1] = True
+        stop = moving.to(torch.uint8).argmax(1) + (lo + 1)
+        if end < hi:
+            stop = torch.maximum(stop, p)  # frozen samples (p = hi) stay frozen
+        stop = torch.where(ok, stop, s.hi_column)
+        write = unfrozen & ok[:, None]
         if problem.tracing:
-            residual = (x_new - x_old).abs().amax(-1).amax(-1)
-        problem.x[:, lo:end] = x_new
+            before = x_old.clone()
+        if s.proposer is None:
+            torch.where(write[..., None], f, x_old, out=x_old)  # x_old is problem.x's view
+        else:
+            first = write & (s.columns[:, lo:end] == p[:, None])
+            proposal = s.proposer.propose(x_old, f, lo, write, first)
+            freezing = write & (s.columns[:, lo:end] < stop[:, None])
+            x_new = torch.where(freezing[..., None], f,
+                                torch.where(write[..., None], proposal, x_old))
+            problem.x[:, lo:end] = x_new
         s.p = stop
         s.iterations += 1
         if problem.tracing:
+            residual = (problem.x[:, lo:end] - before).abs().amax(-1).amax(-1)
             problem.record(s.module, s.iterations, residual)
-        # The one synchronisation of the iteration: where the next window starts.
-        lo_next, alive = torch.stack((stop.min(), problem.alive.any().long())).tolist()
-        s.lo, s.any_alive = int(lo_next), bool(alive)
+        # The one synchronisation of the iteration: where the next window starts (hi + 1
+        # means every sample has failed).
+        s.lo = int(torch.where(problem.alive, stop, s.hi_column + 1).min())
         if s.lo >= hi or s.iterations >= s.cap:
+            s.any_alive = s.lo <= hi
             problem.cap_reached(s.p < hi)
             problem.module_iterations.append(s.iterations)
             _next_module(self, problem, s)
@@ -162,6 +172,7 @@ def _next_module(method: PrefixMethod, problem: Problem, s: PrefixState) -> None
     s.lo0, s.hi = s.edges[s.module], s.edges[s.module + 1]
     s.cap = method.cap(s.hi - s.lo0)
     s.iterations = 0
-    s.p = torch.where(problem.alive, s.lo0, s.hi)
+    s.hi_column = torch.full((problem.batch,), s.hi, device=problem.device)
+    s.p = torch.where(problem.alive, s.lo0, s.hi_column)
     s.lo = s.lo0
     s.proposer = method.proposer(problem, s.lo0, s.hi)
