@@ -43,16 +43,17 @@ class TraceRow:
 class Result:
     """The outcome of :func:`fixedpoint.solve`.
 
-    Cost fields:
-
-    * ``dependent_steps``: evaluations of the map that had to run one after another
-      (``T`` for sequential, the iteration count for Jacobi, the sum over modules for
-      GS-Jacobi).  This is the latency proxy.
-    * ``token_evals``: samples x input positions pushed through the map, summed over
-      all evaluations.  This is the arithmetic proxy.
-    * ``wall_time``: seconds spent inside the solver on this device.
-    * ``sample_iterations``: per sample, the iterations in which it was still active
-      (independent of the other samples in the batch).
+    * ``x``: the solution (or, for failed samples, their last finite iterate);
+      ``converged``, ``status`` (the worst over samples), ``sample_status``.
+    * ``iterations``: the method's iterations (map evaluations), summed over modules;
+      ``module_iterations`` per module; ``sample_iterations`` per sample, the iterations
+      in which it was still active (independent of the other samples in the batch).
+    * ``dependent_steps``: evaluations that had to wait on each other (the latency
+      proxy); an evaluation that pushes no input through the network is not one, so
+      this can be less than ``iterations``.
+    * ``token_evals``: token rows the network processed (samples x rows per sample x
+      input positions read), summed over evaluations (the arithmetic proxy).
+    * ``wall_time``: seconds inside the solver, the device synchronised at both ends.
     """
 
     x: Tensor
