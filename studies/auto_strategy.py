@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 
 import fixedpoint as fp
+from fixedpoint.tarflow import BlockInverse, Sample
 from fixedpoint.tarflow.model import TarFlow
-from fixedpoint.tarflow.sampling import BlockInverse, Sample, _initial_guess
 from fixedpoint.tarflow.strategy import BlockPlan, InitialGuess, Strategy
 
 from .costmodel import CostModel
@@ -74,7 +74,7 @@ def choose(model: TarFlow, cost: CostModel, target_batch: int, igm_inits: list[I
                           cost.predict(c.seq_len, int(seq_tokens * scale)))
             for tol in TOLERANCES:
                 for method in candidates(c.seq_len, tol):
-                    x0 = _initial_guess(inputs[k], igm_inits[k])
+                    x0 = igm_inits[k].start(inputs[k])
                     r = fp.solve(fmap, x0, method)
                     err = float((r.x - ref.blocks[k].x).abs().max())
                     if not r.converged.all() or err > budget * share:

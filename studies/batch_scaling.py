@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 import fixedpoint as fp  # noqa: E402
-from fixedpoint.tarflow.metrics import BlockMetrics  # noqa: E402
+from fixedpoint.tarflow import BlockMetrics  # noqa: E402
 from fixedpoint.tarflow.strategy import Strategy  # noqa: E402
 
 from . import costmodel  # noqa: E402

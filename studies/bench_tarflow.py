@@ -33,8 +33,13 @@ from functools import partial
 import torch
 
 import fixedpoint as fp
-from fixedpoint.tarflow import TarFlow, TarFlowConfig, sample_sequential_naive
-from fixedpoint.tarflow.sampling import BlockInverse
+from fixedpoint.tarflow import (
+    BlockInverse,
+    TarFlow,
+    TarFlowConfig,
+    reverse,
+    sample_sequential_naive,
+)
 
 CONFIG = TarFlowConfig(
     image_size=28, channels=1, patch_size=4, width=128, blocks=4, layers=4, head_dim=64,
@@ -115,7 +120,7 @@ def main() -> None:
     for B in batch_sizes:
         z = torch.randn(B, T, CONFIG.token_dim, generator=gen)
         y = torch.randint(0, CONFIG.num_classes, (B,), generator=gen)
-        lean_x = model.reverse(z, y, guidance=args.guidance).x
+        lean_x = reverse(model, z, y, guidance=args.guidance).x
         naive_x = sample_sequential_naive(model, z, y, args.guidance)
         diff = float((lean_x - naive_x).abs().max())
 

@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 import fixedpoint as fp  # noqa: E402
 from fixedpoint.benchmark import describe  # noqa: E402
-from fixedpoint.tarflow.sampling import BlockInverse  # noqa: E402
+from fixedpoint.tarflow import BlockInverse  # noqa: E402
 
 from .common import Mode, save_figure, study_main, write_json  # noqa: E402
 from .lib import BUDGET, GUIDANCE, SEED, TOL, noise, per_block, sample, sequential_strategy, trained  # noqa: E402

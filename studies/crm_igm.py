@@ -16,8 +16,7 @@ import dataclasses
 import torch
 from scipy.stats import spearmanr
 
-from fixedpoint.tarflow.metrics import crm_igm_table, format_table
-from fixedpoint.tarflow.strategy import select_strategy
+from fixedpoint.tarflow import crm_igm_table, format_table, select_strategy
 
 from .common import Mode, read_json, study_main, write_json
 from .lib import GUIDANCE, SEED, trained

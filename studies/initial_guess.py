@@ -13,7 +13,7 @@ import torch  # noqa: E402
 
 import fixedpoint as fp  # noqa: E402
 from fixedpoint.quality import QualityMeter  # noqa: E402
-from fixedpoint.tarflow.metrics import BlockMetrics  # noqa: E402
+from fixedpoint.tarflow import BlockMetrics  # noqa: E402
 from fixedpoint.tarflow.strategy import InitialGuess  # noqa: E402
 
 from .common import CACHE, Mode, read_json, save_figure, study_main, write_json  # noqa: E402

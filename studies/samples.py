@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from fixedpoint.tarflow.metrics import BlockMetrics  # noqa: E402
+from fixedpoint.tarflow import BlockMetrics  # noqa: E402
 
 from .common import Mode, read_json, save_figure, study_main  # noqa: E402
 from .crm_igm import paper_rule  # noqa: E402

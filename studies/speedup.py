@@ -21,7 +21,7 @@ import torch
 
 import fixedpoint as fp
 from fixedpoint.quality import QualityMeter
-from fixedpoint.tarflow.metrics import BlockMetrics
+from fixedpoint.tarflow import BlockMetrics
 from fixedpoint.tarflow.strategy import InitialGuess, Strategy
 
 from . import auto_strategy, costmodel

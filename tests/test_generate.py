@@ -127,7 +127,7 @@ def test_each_shard_is_one_batch_of_the_per_index_noise(model, tmp_path):
         z = sample_noise(r, SPEC.seed, c.seq_len, c.token_dim)
         y = sample_labels(r, SPEC.labels)
         with torch.no_grad():
-            expected = reverse(model, z, y, strategy=jacobi(model), guidance=1.0).x
+            expected = reverse(model, z, y, strategy=jacobi(model), guidance=1.0).images
         # Same batch composition, same code path: bit for bit.
         assert torch.equal(samples["images"][r.start:r.stop], expected)
     assert (report.shards_total, report.shards_sampled, report.shards_skipped) == (3, 3, 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -19,7 +20,7 @@ from fixedpoint.tarflow import (
     format_table,
     select_strategy,
 )
-from fixedpoint.tarflow.metrics import igm_paper, igm_sample
+from fixedpoint.tarflow.diagnostics import IGMForm, igm_paper, igm_sample
 
 # ---- parsing -------------------------------------------------------------------------
 
@@ -105,8 +106,24 @@ def test_uniform_and_unrepresentable_strategies():
     assert str(s).startswith("0: Sequential(), init z")
     with pytest.raises(ValueError, match="non-empty"):
         Strategy(())
-    with pytest.raises(TypeError, match="fixedpoint method"):
+    with pytest.raises(TypeError, match="fixedpoint.Method"):
         BlockPlan("jacobi")  # type: ignore[arg-type]
+
+
+def test_any_method_is_a_plan_and_describes_itself():
+    @dataclasses.dataclass(frozen=True)
+    class Outside(fp.Sequential):  # a method the package has never heard of
+        label: str = "x"
+
+    plan = BlockPlan(Outside(label="mine"), InitialGuess.ZEROS_AFTER_FIRST)
+    assert plan.describe() == "Outside(label='mine'), init zeros"
+    s = Strategy.uniform(Outside(), 2)
+    assert s.to_spec() is None and str(s) == "0: Outside(), init z; 1: Outside(), init z"
+
+
+def test_parse_defaults_to_the_rounding_level_tolerance():
+    s = Strategy.parse("[1-2-3-4]", 2, 16)
+    assert all(p.method.atol is None and p.method.rtol is None for p in s.plans)
 
 
 # ---- selection -----------------------------------------------------------------------
@@ -132,8 +149,8 @@ def test_select_strategy_splits_dominant_blocks_and_picks_starts():
     ]
     # The per-sample IGM can disagree with the paper form.
     table[2] = row(2, shares[2], noise=0.1, zeros=0.2, s_noise=3.0, s_zeros=1.0)
-    paper = select_strategy(table, seq_len=1024, igm="paper")
-    sample = select_strategy(table, seq_len=1024, igm="sample")
+    paper = select_strategy(table, seq_len=1024, igm=IGMForm.PAPER)
+    sample = select_strategy(table, seq_len=1024, igm=IGMForm.PER_SAMPLE)
     assert paper.plans[2].init is InitialGuess.NOISE
     assert sample.plans[2].init is InitialGuess.ZEROS_AFTER_FIRST
 
@@ -147,8 +164,9 @@ def test_select_strategy_threshold_and_errors():
         select_strategy(table, seq_len=4, modules=8)
     with pytest.raises(ValueError, match="empty"):
         select_strategy([], seq_len=4)
-    with pytest.raises(ValueError, match="igm"):
-        select_strategy(table, seq_len=4, modules=2, igm="mean")
+    for flag in ("mean", "paper"):  # an enum, not a string flag
+        with pytest.raises(ValueError, match="IGMForm"):
+            select_strategy(table, seq_len=4, modules=2, igm=flag)
 
 
 # ---- CRM / IGM -----------------------------------------------------------------------
@@ -223,7 +241,7 @@ def test_igm_forms_on_constructed_errors():
 
 def test_igm_is_exact_from_the_true_input():
     # One Jacobi iterate of the inverse from x_true itself returns x_true (guidance 0).
-    from fixedpoint.tarflow.sampling import BlockInverse
+    from fixedpoint.tarflow import BlockInverse
 
     model = make_model()
     images = torch.randn(4, 1, 8, 8)

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fixedpoint.tarflow import reverse
 from fixedpoint.tarflow.model import KVCache, TarFlow, TarFlowConfig
 
 TINY = dict(image_size=8, channels=1, patch_size=2, width=64, blocks=2, layers=2, head_dim=32)
@@ -160,7 +161,7 @@ def test_no_state_on_modules_after_forward():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     attrs = {id(m): set(vars(m)) for m in model.modules()}
     model(torch.randn(2, 1, 8, 8))
-    model.reverse(model.sample_noise(2), guidance=1.0)
+    reverse(model, model.sample_noise(2), guidance=1.0)
     assert all(set(vars(m)) == attrs[id(m)] for m in model.modules())
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
@@ -255,7 +256,7 @@ def test_from_published_state_dict_round_trip(num_classes):
     z1, ld1 = loaded(img, y)
     assert torch.equal(z0, z1) and torch.equal(ld0, ld1)
     noise = model.sample_noise(2)
-    assert torch.equal(model.reverse(noise, y).x, loaded.reverse(noise, y).x)
+    assert torch.equal(reverse(model, noise, y).images, reverse(loaded, noise, y).images)
     # The config may also be given and is then checked against the shapes.
     TarFlow.from_published_state_dict(sd, config=model.config)
 

@@ -9,6 +9,8 @@ a wrong solution gives (differences of order 0.1 - 1 for a non-converged iterate
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -19,12 +21,14 @@ from fixedpoint.tarflow import (
     BlockInverse,
     InitialGuess,
     Sample,
+    SamplingError,
     Strategy,
     TarFlow,
     TarFlowConfig,
+    reverse,
     sample_sequential_naive,
 )
-from fixedpoint.tarflow.sampling import BlockInverseState
+from fixedpoint.tarflow.inverse import BlockInverseState
 
 ATOL = 1e-5
 RTOL = 1e-5
@@ -65,7 +69,7 @@ METHODS = {
     "gsjacobi-5-not-dividing": fp.GSJacobi(modules=5),
     "gsjacobi-boundaries": fp.GSJacobi(modules=(0, 1, 9)),
     "triangular-anderson": fp.TriangularAnderson(),
-    "anderson": fp.Anderson(atol=1e-6, max_iter=300),
+    "anderson": fp.Anderson(max_iter=300),
 }
 
 GUIDANCE = {
@@ -82,7 +86,7 @@ def sequential_sample(model: TarFlow, conditional: bool, guide: str) -> torch.Te
     key = (conditional, guide)
     if key not in _SEQUENTIAL:
         y = torch.tensor([3, -1, 7]) if conditional else None
-        _SEQUENTIAL[key] = model.reverse(noise(), y, **GUIDANCE[guide]).x
+        _SEQUENTIAL[key] = reverse(model, noise(), y, **GUIDANCE[guide]).images
     return _SEQUENTIAL[key]
 
 
@@ -98,9 +102,9 @@ def test_every_method_matches_sequential(cond_model, uncond_model, conditional, 
     y = torch.tensor([3, -1, 7]) if conditional else None
     kw = GUIDANCE[guide]
     seq = sequential_sample(model, conditional, guide)
-    got = model.reverse(noise(), y, strategy=Strategy.uniform(METHODS[name], 4), **kw)
+    got = reverse(model, noise(), y, strategy=Strategy.uniform(METHODS[name], 4), **kw)
     assert all(r.status is fp.Status.SUCCESS for r in got.blocks), [r.status for r in got.blocks]
-    torch.testing.assert_close(got.x, seq, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(got.images, seq, rtol=RTOL, atol=ATOL)
 
 
 @pytest.mark.parametrize(
@@ -110,16 +114,16 @@ def test_exact_parsed_strategies_match_sequential(cond_model, spec):
     # Caps large enough for finite termination (module width / T - 1): exact solutions.
     y = torch.tensor([0, 1, 2])
     z = noise()
-    seq = cond_model.reverse(z, y, guidance=1.0)
+    seq = reverse(cond_model, z, y, guidance=1.0)
     for init in InitialGuess:
         strategy = Strategy.parse(spec, 4, 16, init=init)
-        got = cond_model.reverse(z, y, guidance=1.0, strategy=strategy)
-        torch.testing.assert_close(got.x, seq.x, rtol=RTOL, atol=ATOL)
+        got = reverse(cond_model, z, y, guidance=1.0, strategy=strategy)
+        torch.testing.assert_close(got.images, seq.images, rtol=RTOL, atol=ATOL)
 
 
 def test_capped_strategy_reports_max_iter(cond_model):
     strategy = Strategy.parse("[1-2-2-3]", 4, 16)
-    got = cond_model.reverse(noise(), strategy=strategy)
+    got = reverse(cond_model, noise(), strategy=strategy)
     assert [r.status for r in got.blocks] == [fp.Status.MAX_ITER] * 4
     assert [r.iterations for r in got.blocks] == [3, 4, 3, 3]
 
@@ -131,7 +135,7 @@ def test_sequential_equals_naive_reference_loop(cond_model, uncond_model, condit
     y = torch.tensor([9, -1, 0]) if conditional else None
     kw = GUIDANCE[guide]
     z = noise()
-    lean = model.reverse(z, y, **kw).x
+    lean = reverse(model, z, y, **kw).images
     naive = sample_sequential_naive(
         model, z, y, kw["guidance"], anneal_guidance=kw.get("anneal_guidance", False),
         uncond_temperature=kw.get("uncond_temperature", 1.0),
@@ -143,9 +147,9 @@ def test_sequential_equals_naive_reference_loop(cond_model, uncond_model, condit
 def test_forward_of_sample_recovers_noise(cond_model, method):
     y = torch.tensor([1, 2, -1])
     z = noise()
-    sample = cond_model.reverse(z, y, strategy=Strategy.uniform(method, 4))
+    sample = reverse(cond_model, z, y, strategy=Strategy.uniform(method, 4))
     with torch.no_grad():
-        z_back, _ = cond_model(sample.x, y)
+        z_back, _ = cond_model(sample.images, y)
     # reverse scales the standard normal noise by sqrt(var) before inverting.
     torch.testing.assert_close(z_back, z * cond_model.var.sqrt(), rtol=RTOL, atol=ATOL)
 
@@ -153,12 +157,12 @@ def test_forward_of_sample_recovers_noise(cond_model, method):
 def test_sample_structure_and_inputs_untouched(cond_model):
     z = noise()
     z_copy = z.clone()
-    s = cond_model.reverse(z, torch.tensor([1, 2, 3]), denoise=True, trace=True)
+    s = reverse(cond_model, z, torch.tensor([1, 2, 3]), denoise=True, trace=True)
     assert torch.equal(z, z_copy)
-    assert isinstance(s, Sample) and s.x.shape == (3, 1, 8, 8)
+    assert isinstance(s, Sample) and s.images.shape == (3, 1, 8, 8)
     assert len(s.blocks) == 4 and all(isinstance(r, fp.Result) for r in s.blocks)
     assert len(s.intermediates) == 4 + 2  # noise, one per block, denoised
-    assert torch.equal(s.intermediates[-1], s.x)
+    assert torch.equal(s.intermediates[-1], s.images)
     # T = 16 positions; x_0 = z_0 needs no network call, so 15 dependent steps.
     assert all(r.iterations == 16 and r.dependent_steps == 15 for r in s.blocks)
     assert s.blocks[0].trace is not None
@@ -167,41 +171,68 @@ def test_sample_structure_and_inputs_untouched(cond_model):
 def test_denoise_on_identity_flow_is_tweedie_for_a_standard_normal():
     model = TarFlow(TarFlowConfig(**TINY, noise_std=0.3))  # fresh: identity flow, var = 1
     z = noise()
-    s = model.reverse(z, denoise=True)
+    s = reverse(model, z, denoise=True)
     # log p(x) = -|x|^2 / 2 => x + sigma^2 grad log p = (1 - sigma^2) x.
-    torch.testing.assert_close(s.x, (1 - 0.09) * model.unpatchify(z), rtol=0, atol=1e-6)
+    torch.testing.assert_close(s.images, (1 - 0.09) * model.unpatchify(z), rtol=0, atol=1e-6)
 
 
-def test_reference_trace_is_in_the_permuted_order(cond_model):
+def test_reference_is_read_in_the_permuted_order_whatever_its_type(cond_model):
     z = noise()
-    seq = cond_model.reverse(z)
-    # Original-order per-block solutions, built from the sequential sample's results.
-    originals = [cond_model.blocks[k].permute(r.x) for k, r in enumerate(seq.blocks)]
-    for reference in (seq, originals):
-        got = cond_model.reverse(z, strategy=Strategy.uniform(fp.Jacobi(), 4), trace=True,
-                                 reference=reference)
+    seq = reverse(cond_model, z)
+    permuted = [r.x for r in seq.blocks]
+    assert all(torch.equal(a, b) for a, b in zip(permuted, seq.permuted_solutions))
+    # Blocks 1 and 3 reverse the token order: there the two orders really differ.
+    assert not torch.equal(cond_model.blocks[1].permute(permuted[1]), permuted[1])
+    for reference in (seq, permuted, tuple(permuted)):
+        got = reverse(cond_model, z, strategy=Strategy.uniform(fp.Jacobi(), 4), trace=True,
+                      reference_permuted=reference)
         for r in got.blocks:
             errors = torch.stack([row.error for row in r.trace])
             assert errors[-1].max() < ATOL  # converged onto the reference
             assert errors[0].max() > 1e-3  # ... from a start that was not there
 
 
+def test_reference_in_the_original_order_is_not_what_the_solver_converges_to(cond_model):
+    z = noise()
+    seq = reverse(cond_model, z)
+    originals = [cond_model.blocks[k].permute(r.x) for k, r in enumerate(seq.blocks)]
+    got = reverse(cond_model, z, strategy=Strategy.uniform(fp.Jacobi(), 4), trace=True,
+                  reference_permuted=originals)
+    final = [float(r.trace[-1].error.max()) for r in got.blocks]
+    assert final[0] < ATOL and final[2] < ATOL  # identity order: same tensors
+    assert final[1] > 1e-2 and final[3] > 1e-2  # reversed order: read as permuted
+
+
+def test_deprecated_reference_name_takes_a_sample_only(cond_model):
+    z = noise()
+    seq = reverse(cond_model, z)
+    got = reverse(cond_model, z, strategy=Strategy.uniform(fp.Jacobi(), 4), trace=True,
+                  reference=seq)
+    assert all(float(r.trace[-1].error.max()) < ATOL for r in got.blocks)
+    with pytest.raises(TypeError, match="reference_permuted"):
+        reverse(cond_model, z, reference=seq.permuted_solutions)
+    with pytest.raises(TypeError, match="reference_permuted only"):
+        reverse(cond_model, z, reference=seq, reference_permuted=seq)
+    with pytest.raises(ValueError, match="3 entries, the model 4"):
+        reverse(cond_model, z, reference_permuted=seq.permuted_solutions[:3])
+
+
 def test_strategy_block_count_must_match(cond_model):
     with pytest.raises(ValueError, match="3 block plans, the model 4"):
-        cond_model.reverse(noise(), strategy=Strategy.uniform(fp.Jacobi(), 3))
+        reverse(cond_model, noise(), strategy=Strategy.uniform(fp.Jacobi(), 3))
 
 
 def test_autocast_bfloat16_sampling_runs_and_is_close(cond_model):
     z = noise()
-    ref = cond_model.reverse(z, torch.tensor([1, 2, 3]), guidance=1.0).x
+    ref = reverse(cond_model, z, torch.tensor([1, 2, 3]), guidance=1.0).images
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        seq = cond_model.reverse(z, torch.tensor([1, 2, 3]), guidance=1.0)
-        floor = fp.noise_floor(torch.bfloat16)  # a tolerance bf16 can resolve
-        jac = cond_model.reverse(z, torch.tensor([1, 2, 3]), guidance=1.0,
-                                 strategy=Strategy.uniform(fp.Jacobi(atol=floor), 4))
-    assert seq.x.dtype == torch.float32
-    torch.testing.assert_close(seq.x, ref, rtol=0, atol=0.1)
-    torch.testing.assert_close(jac.x, seq.x, rtol=0, atol=0.1)
+        seq = reverse(cond_model, z, torch.tensor([1, 2, 3]), guidance=1.0)
+        # The default tolerance: the bfloat16 rounding level at the iterate's scale.
+        jac = reverse(cond_model, z, torch.tensor([1, 2, 3]), guidance=1.0,
+                      strategy=Strategy.uniform(fp.Jacobi(), 4))
+    assert seq.images.dtype == torch.float32
+    torch.testing.assert_close(seq.images, ref, rtol=0, atol=0.1)
+    torch.testing.assert_close(jac.images, seq.images, rtol=0, atol=0.1)
 
 
 # ---- the map itself ------------------------------------------------------------------
@@ -302,6 +333,136 @@ def test_cfg_is_one_batched_network_call(cond_model):
 
 
 def test_token_evals_of_sequential_is_one_pass(cond_model):
-    s = cond_model.reverse(noise(), strategy=None)
+    s = reverse(cond_model, noise(), strategy=None)
     # Inputs 0..T-2 each pushed once per sample: (T - 1) * B.
     assert all(r.token_evals == 15 * 3 for r in s.blocks)
+
+
+# ---- the failure contract --------------------------------------------------------------
+
+
+def overflowing_noise() -> torch.Tensor:
+    z = noise()
+    z[1, 3] = 1e38  # finite noise that overflows inside the network (sample 1 only)
+    return z
+
+
+FAILING = {"sequential": fp.Sequential(), "jacobi": fp.Jacobi(), "anderson": fp.Anderson()}
+
+
+@pytest.mark.parametrize("name", list(FAILING), ids=list(FAILING))
+def test_a_failed_block_raises_naming_the_block_status_and_cause(cond_model, name):
+    strategy = Strategy.uniform(FAILING[name], 4)
+    with pytest.raises(SamplingError) as info:
+        reverse(cond_model, overflowing_noise(), strategy=strategy)
+    message = str(info.value)
+    assert "\n" not in message  # one line, for the command line
+    # Block 3 is inverted first; the cause is the core's status message.
+    assert message.startswith(
+        "block 3: NONFINITE: the map produced a non-finite value (overflow or NaN) in 1 of 3 "
+        "samples (1)"), message
+    assert info.value.block == 3
+    assert info.value.result.sample_status[1] is fp.Status.NONFINITE
+
+
+@pytest.mark.parametrize("name", list(FAILING), ids=list(FAILING))
+def test_throw_false_returns_every_blocks_status_and_spares_the_other_samples(cond_model, name):
+    strategy = Strategy.uniform(FAILING[name], 4)
+    clean = reverse(cond_model, noise(), strategy=strategy)
+    s = reverse(cond_model, overflowing_noise(), strategy=strategy, throw=False)
+    assert len(s.blocks) == 4 and s.statuses[3] is fp.Status.NONFINITE
+    assert 3 in s.failed_blocks and s.failed_samples == [1]
+    # The core keeps a failed sample's last finite iterate: nothing non-finite is passed
+    # on, and the samples that did not fail are those of a clean run.
+    assert all(torch.isfinite(r.x).all() for r in s.blocks)
+    torch.testing.assert_close(s.images[[0, 2]], clean.images[[0, 2]], rtol=RTOL, atol=ATOL)
+
+
+def test_capped_strategies_are_not_failures(cond_model):
+    s = reverse(cond_model, noise(), strategy=Strategy.parse("[1-2-2-3]", 4, 16))
+    assert s.statuses == (fp.Status.MAX_ITER,) * 4 and s.failed_blocks == []
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_guidance_and_noise_are_refused_up_front(cond_model, bad):
+    with pytest.raises(ValueError, match="guidance must be a finite number"):
+        reverse(cond_model, noise(), guidance=bad)
+    z = noise()
+    z[0, 0, 0] = bad
+    with pytest.raises(ValueError, match="the noise z has 1 non-finite entries"):
+        reverse(cond_model, z)
+    with pytest.raises(ValueError, match="uncond_temperature"):
+        reverse(cond_model, noise(), guidance=1.0, uncond_temperature=bad)
+
+
+# ---- honest costs ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("guidance", [0.0, 1.5], ids=["no-cfg", "cfg"])
+def test_sequential_bills_t_minus_1_steps_and_the_rows_it_runs(cond_model, guidance):
+    s = reverse(cond_model, noise(), torch.tensor([1, 2, 3]), guidance=guidance)
+    rows = 2 if guidance else 1
+    for r in s.blocks:
+        assert r.dependent_steps == 15  # x_0 = z_0 needs no network call
+        assert r.token_evals == rows * 3 * 15
+
+
+COUNTED = {
+    "sequential": fp.Sequential(),
+    "jacobi": fp.Jacobi(),
+    "gsjacobi": fp.GSJacobi(modules=3),
+    "triangular-anderson": fp.TriangularAnderson(),
+    "anderson": fp.Anderson(max_iter=40),
+}
+
+
+@pytest.mark.parametrize("guidance", [0.0, 1.5], ids=["no-cfg", "cfg"])
+@pytest.mark.parametrize("name", list(COUNTED), ids=list(COUNTED))
+def test_token_evals_are_the_rows_the_network_really_processed(cond_model, name, guidance):
+    processed = []  # rows x positions entering each block's network, per call
+    hooks = [
+        block.proj_in.register_forward_hook(
+            lambda mod, inp, out: processed.append(inp[0].shape[0] * inp[0].shape[1]))
+        for block in cond_model.blocks
+    ]
+    try:
+        s = reverse(cond_model, noise(), torch.tensor([1, 2, 3]), guidance=guidance,
+                    strategy=Strategy.uniform(COUNTED[name], 4))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert sum(r.token_evals for r in s.blocks) == sum(processed)
+    # Every network call is one dependent step (the hook sees one call per step).
+    assert sum(r.dependent_steps for r in s.blocks) == len(processed)
+
+
+def test_default_jacobi_takes_fewer_dependent_steps_than_sequential(cond_model):
+    y = torch.tensor([1, 2, 3])
+    seq = reverse(cond_model, noise(), y, guidance=1.0)
+    jac = reverse(cond_model, noise(), y, guidance=1.0,
+                  strategy=Strategy.uniform(fp.Jacobi(), 4))
+    assert jac.statuses == (fp.Status.SUCCESS,) * 4
+    assert (sum(r.dependent_steps for r in jac.blocks)
+            < sum(r.dependent_steps for r in seq.blocks))
+    torch.testing.assert_close(jac.images, seq.images, rtol=RTOL, atol=ATOL)
+
+
+def test_any_method_written_outside_the_package_samples_the_flow(cond_model):
+    @dataclasses.dataclass(frozen=True)
+    class Damped(fp.PrefixMethod):  # damped Jacobi, the package has never heard of it
+        atol: float | None = None
+        rtol: float | None = None
+        damping: float = 0.6
+
+        def proposer(self, problem, lo0, hi):
+            return self
+
+        def propose(self, x_old, f, lo, unfrozen, first):
+            return x_old + self.damping * (f - x_old)
+
+    strategy = Strategy.uniform(Damped(damping=0.7), 4)
+    assert strategy.plans[0].describe() == "Damped(damping=0.7), init z"
+    seq = reverse(cond_model, noise())
+    got = reverse(cond_model, noise(), strategy=strategy)
+    assert got.statuses == (fp.Status.SUCCESS,) * 4
+    torch.testing.assert_close(got.images, seq.images, rtol=RTOL, atol=ATOL)

@@ -1,27 +1,45 @@
-"""TarFlow (transformer autoregressive flow) and its sampling by triangular solvers.
+"""TarFlow (transformer autoregressive flow) sampled through the solver core.
 
->>> from fixedpoint.tarflow import TarFlow, TarFlowConfig, Strategy
+Modules, each importing only the ones above it:
+
+* :mod:`~fixedpoint.tarflow.model`: the network (``TarFlow``, ``TarFlowConfig``,
+  ``KVCache``);
+* :mod:`~fixedpoint.tarflow.strategy`: per-block methods and initial guesses
+  (``Strategy``, ``BlockPlan``, ``InitialGuess``, the paper's notation);
+* :mod:`~fixedpoint.tarflow.inverse`: one block's inverse as a triangular map
+  (``BlockInverse``);
+* :mod:`~fixedpoint.tarflow.diagnostics`: CRM / IGM and the paper's strategy rule;
+* :mod:`~fixedpoint.tarflow.sampling`: ``reverse`` (noise -> images), ``Sample``,
+  ``SamplingError``, the naive reference loop;
+* :mod:`~fixedpoint.tarflow.checkpoint`, :mod:`~fixedpoint.tarflow.train`,
+  :mod:`~fixedpoint.tarflow.generate`: files, training, sharded generation.
+
+>>> from fixedpoint.tarflow import TarFlow, TarFlowConfig, Strategy, reverse
 >>> model = TarFlow(TarFlowConfig())                                   # doctest: +SKIP
->>> sample = model.reverse(model.sample_noise(4), strategy=Strategy.parse(
+>>> sample = reverse(model, model.sample_noise(4), strategy=Strategy.parse(
 ...     "[1-4-8-5]", blocks=4, seq_len=16))                             # doctest: +SKIP
 """
 
-from .metrics import BlockMetrics, crm_igm_table, format_table
+from .diagnostics import BlockMetrics, IGMForm, crm_igm_table, format_table, select_strategy
+from .inverse import BlockInverse
 from .model import KVCache, TarFlow, TarFlowConfig
-from .sampling import BlockInverse, Sample, reverse, sample_sequential_naive
-from .strategy import BlockPlan, InitialGuess, Strategy, select_strategy
+from .sampling import Sample, SamplingError, denoise_step, reverse, sample_sequential_naive
+from .strategy import BlockPlan, InitialGuess, Strategy
 
 __all__ = [
     "BlockInverse",
     "BlockMetrics",
     "BlockPlan",
+    "IGMForm",
     "InitialGuess",
     "KVCache",
     "Sample",
+    "SamplingError",
     "Strategy",
     "TarFlow",
     "TarFlowConfig",
     "crm_igm_table",
+    "denoise_step",
     "format_table",
     "reverse",
     "sample_sequential_naive",

@@ -326,17 +326,18 @@ def _sample_shard(model: TarFlow, strategy: Strategy, spec: GenerationSpec,
     y = sample_labels(indices, spec.labels)
     y = None if y is None else y.to(device)
     with torch.no_grad(), precision():
+        # throw=False: the failed samples of the whole shard are reported at once.
         s = reverse(model, z, y, strategy=strategy, guidance=spec.guidance,
-                    anneal_guidance=spec.anneal_guidance, denoise=spec.denoise)
-    images = s.x.detach().float().cpu()
+                    anneal_guidance=spec.anneal_guidance, denoise=spec.denoise, throw=False)
+    images = s.images.detach().float().cpu()
     # A solver that met NaN / inf keeps the sample's last finite iterate and says so in
     # its status, so the statuses are checked as well as the images.
-    bad = (~torch.isfinite(images)).flatten(1).any(1).tolist()
-    for r in s.blocks:
-        bad = [b or st is fp.Status.NONFINITE for b, st in zip(bad, r.sample_status)]
-    if any(bad):
+    bad = set(s.failed_samples)
+    bad.update(j for j, b in enumerate((~torch.isfinite(images)).flatten(1).any(1).tolist())
+               if b)
+    if bad:
         statuses = ", ".join(f"block {k}: {r.status.name}" for k, r in enumerate(s.blocks))
-        raise _NonFinite([indices[j] for j, b in enumerate(bad) if b], statuses)
+        raise _NonFinite([indices[j] for j in sorted(bad)], statuses)
     return {
         "images": images,
         "labels": None if y is None else y.cpu(),

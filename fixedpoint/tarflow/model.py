@@ -9,7 +9,9 @@ shift ``mu_t`` from the tokens *before* ``t`` with a causal transformer:
     z_t = (x_t - mu_t(x_<t)) * exp(-a_t(x_<t)),      a_0 = mu_0 = 0.
 
 Inverting a block is the strictly triangular system ``x_t = z_t exp(a_t) + mu_t``;
-:mod:`fixedpoint.tarflow.sampling` solves it with the generic solvers.
+:mod:`fixedpoint.tarflow.inverse` states it as a triangular map and
+:mod:`fixedpoint.tarflow.sampling` solves it with the generic solvers.  This module is
+the network only: it imports nothing from the rest of the package.
 
 Parameter and buffer names (and shapes) follow the published TarFlow state-dict layout,
 so a published checkpoint loads with ``load_state_dict`` directly (or, with shape
@@ -43,15 +45,11 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .sampling import Sample
-    from .strategy import Strategy
 
 __all__ = [
     "Attention",
@@ -208,13 +206,16 @@ class Attention(nn.Module):
         cache: KVCache | None = None,
         layer: int = 0,
         start: int = 0,
+        mask: Tensor | None = None,
     ) -> Tensor:
         """Attention output for the residual stream ``h`` of shape ``(B, L, width)``.
 
         Without ``cache``: ``h`` holds positions ``0..L-1`` and attention is causal.
         With ``cache``: ``h`` holds positions ``start..start+L-1``; their keys and values
         are written into ``cache`` (layer ``layer``) and the queries attend to cached
-        positions ``0..start-1`` plus the causal part of the window.
+        positions ``0..start-1`` plus the causal part of the window, which for
+        ``start > 0`` and ``L > 1`` is the boolean ``mask`` ``(L, start + L)`` the
+        caller built once for all layers (:meth:`MetaBlock.window_mask`).
 
         ``q_scale`` (broadcastable to ``(B, 1, 1, 1)``) multiplies the queries: a
         per-sample inverse attention temperature (used for the unconditional half of a
@@ -224,11 +225,10 @@ class Attention(nn.Module):
         qkv = self.qkv(_layer_norm(self.norm, h))
         # (B, L, 3, heads, hd) -> 3 x (B, heads, L, hd); q heads first, then k, then v.
         q, k, v = qkv.view(B, L, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        mask = None
-        causal = False
-        if cache is None:
-            causal = L > 1
-        else:
+        # SDPA's is_causal aligns top-left: right for a window starting at 0, wrong for
+        # one past the cache, which needs the explicit mask.
+        causal = L > 1 and start == 0
+        if cache is not None:
             end = start + L
             cache.keys[layer, :, :, start:end].copy_(k)
             cache.values[layer, :, :, start:end].copy_(v)
@@ -236,13 +236,8 @@ class Attention(nn.Module):
             v = cache.values[layer, :, :, :end]
             if q.dtype != k.dtype:  # autocast output vs. cache dtype
                 q = q.to(k.dtype)
-            if L > 1:
-                if start == 0:
-                    causal = True
-                else:
-                    # Query i (position start+i) sees keys 0..start+i.  SDPA's is_causal
-                    # aligns top-left, which is wrong for a window past the cache.
-                    mask = torch.ones(L, end, dtype=torch.bool, device=h.device).tril(start)
+            if L > 1 and start > 0 and mask is None:
+                raise ValueError("a window past the cache start needs its attention mask")
         if q_scale is not None:
             q = q * q_scale.to(q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
@@ -308,8 +303,9 @@ class MetaBlock(nn.Module):
         # Zero output projection: a fresh block is the identity map (a = mu = 0).
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
-        # Present only for state-dict compatibility with published checkpoints; the
-        # network uses SDPA's causal mode instead of reading it.
+        # The causal mask, in the published layout (float ones on and below the
+        # diagonal).  A window past the cache start reads its slice (window_mask); a
+        # window from position 0 uses SDPA's causal mode, the same mask.
         self.register_buffer("attn_mask", torch.ones(T, T).tril())
 
     def permute(self, x: Tensor, dim: int = 1) -> Tensor:
@@ -354,9 +350,18 @@ class MetaBlock(nn.Module):
         these positions.
         """
         h = self.proj_in(x) + emb
+        mask = self.window_mask(start, x.shape[1]) if cache is not None else None
         for layer, block in enumerate(self.attn_blocks):
-            h = block(h, q_scale=q_scale, cache=cache, layer=layer, start=start)
+            h = block(h, q_scale=q_scale, cache=cache, layer=layer, start=start, mask=mask)
         return self.proj_out(h)
+
+    def window_mask(self, start: int, length: int) -> Tensor | None:
+        """Which keys the queries of positions ``start .. start + length - 1`` see, as a
+        boolean ``(length, start + length)`` slice of ``attn_mask``; None when SDPA
+        needs no mask (one query sees every key so far; a window at 0 is plain causal)."""
+        if length < 2 or start == 0:
+            return None
+        return self.attn_mask[start : start + length, : start + length] > 0
 
     def shifted_params(self, x: Tensor, cls: Tensor | None) -> tuple[Tensor, Tensor]:
         """``(a, mu)`` for every position of permuted tokens ``x``, shift applied."""
@@ -501,30 +506,6 @@ class TarFlow(nn.Module):
         return torch.randn(
             batch, c.seq_len, c.token_dim, generator=generator,
             device=self.var.device, dtype=self.var.dtype,
-        )
-
-    def reverse(
-        self,
-        z: Tensor,
-        y: Tensor | None = None,
-        *,
-        strategy: Strategy | None = None,
-        guidance: float = 0.0,
-        anneal_guidance: bool = False,
-        uncond_temperature: float = 1.0,
-        denoise: bool = False,
-        reference: Any = None,
-        trace: bool = False,
-        adjust_tolerance: bool = True,
-    ) -> Sample:
-        """Sample images from standard normal noise; see :func:`sampling.reverse`."""
-        from .sampling import reverse
-
-        return reverse(
-            self, z, y, strategy=strategy, guidance=guidance,
-            anneal_guidance=anneal_guidance, uncond_temperature=uncond_temperature,
-            denoise=denoise, reference=reference, trace=trace,
-            adjust_tolerance=adjust_tolerance,
         )
 
     # ---- published checkpoints -------------------------------------------------------

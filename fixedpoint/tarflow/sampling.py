@@ -1,22 +1,22 @@
-"""Sampling TarFlow by solving each block's inverse with the generic solvers.
+"""Sampling TarFlow: invert every block with the generic solvers, last block first.
 
-Inverting block ``k`` is the strictly triangular system (in the block's permuted order)
+:func:`reverse` scales standard normal noise by the prior's ``sqrt(var)`` and inverts the
+blocks ``K-1 .. 0``, each as a :class:`~fixedpoint.tarflow.inverse.BlockInverse` solved
+by the method its :class:`~fixedpoint.tarflow.strategy.BlockPlan` names (default:
+sequential everywhere).
 
-    x_t = z_t * exp(a_t(x_<t)) + mu_t(x_<t),       a_0 = mu_0 = 0  =>  x_0 = z_0,
+Token orders, named where they appear: block ``k`` works in its own *permuted* token
+order, and the solver's iterates and solutions (``Sample.blocks[k].x``,
+``Sample.permuted_solutions``, the ``reference_permuted`` argument) are in that order.
+Images (``Sample.images``, ``Sample.intermediates``) are in the image layout.
 
-wrapped as :class:`BlockInverse`, an :class:`fixedpoint.IncrementalMap`.  Any solver of
-:func:`fixedpoint.solve` reaches the same solution; :func:`reverse` chooses one per block
-from a :class:`~fixedpoint.tarflow.strategy.Strategy` (default: sequential everywhere).
-
-Classifier-free guidance (CFG) happens *inside* the map: the conditional and the
-unconditional pass run as one batch of ``2B`` rows through the network, and
-
-    a <- a_c + g_t (a_c - a_u),    mu <- mu_c + g_t (mu_c - mu_u),
-
-with ``g_t = g`` or, annealed, ``g_t = g * t / (T - 1)`` for output position ``t`` (the
-published sampler's ``(i + 1) / (T - 1)`` for the step reading input ``i = t - 1``).
-The unconditional pass uses the mean class embedding and may use an attention
-temperature (for unconditional models that is the only difference between the passes).
+Failure contract: a block whose solve ends NONFINITE (the map overflowed or produced
+NaN) is never passed on silently.  By default :func:`reverse` raises
+:class:`SamplingError` naming the block, the status and the cause; with
+``throw=False`` it returns the :class:`Sample` with every block's status (a failed
+sample keeps its last finite iterate, the core's contract, so later blocks still run on
+finite values).  A capped method that stops at its cap (MAX_ITER, e.g. the paper's
+``[Stack-GS-J-Else]`` strategies) is not a failure.
 
 :func:`sample_sequential_naive` is a deliberately naive reference loop used only as a
 test oracle and as the benchmark's baseline.
@@ -41,216 +41,88 @@ from fixedpoint.precision import (
     rounding_unit,
 )
 
-from .model import KVCache, MetaBlock, TarFlow, wide
-from .strategy import BlockPlan, InitialGuess, Strategy
+from .inverse import BlockInverse
+from .model import TarFlow
+from .strategy import BlockPlan, Strategy
 
-__all__ = ["BlockInverse", "BlockInverseState", "Sample", "reverse", "sample_sequential_naive"]
-
-
-@dataclass
-class BlockInverseState:
-    """Solver-owned state of a :class:`BlockInverse`: the cache and ``F`` at the frontier.
-
-    ``frontier`` is ``F(x)[:, cache.length]``, kept because it was computed from an input
-    (position ``length - 1``) that later windows no longer push through the network.
-    """
-
-    cache: KVCache
-    frontier: Tensor  # (B, 1, d)
-
-
-class BlockInverse(fp.IncrementalMap):
-    """The triangular map whose fixed point inverts flow block ``block``.
-
-    Args:
-        model: the flow.
-        block: the block index (forward order).
-        z: the block's output tokens **in the block's permuted order**, ``(B, T, d)``.
-        y: labels ``(B,)`` (``-1`` = dropped) or None.
-        guidance: CFG strength ``g``; 0 disables CFG (one pass of ``B`` rows).
-        anneal_guidance: use ``g_t = g * t / (T - 1)``.
-        uncond_temperature: attention temperature of the unconditional pass.
-
-    Iterates ``x`` are in the permuted order too; un-permute the solution.
-    """
-
-    def __init__(
-        self,
-        model: TarFlow,
-        block: int,
-        z: Tensor,
-        y: Tensor | None = None,
-        *,
-        guidance: float = 0.0,
-        anneal_guidance: bool = False,
-        uncond_temperature: float = 1.0,
-    ):
-        c = model.config
-        if not 0 <= block < c.blocks:
-            raise ValueError(f"block index {block} out of range for {c.blocks} blocks")
-        if z.ndim != 3 or z.shape[1:] != (c.seq_len, c.token_dim):
-            raise ValueError(
-                f"z must have shape (B, {c.seq_len}, {c.token_dim}), got {tuple(z.shape)}"
-            )
-        if not uncond_temperature > 0:
-            raise ValueError(f"uncond_temperature must be > 0, got {uncond_temperature!r}")
-        self.model = model
-        self.index = block
-        self.block: MetaBlock = model.blocks[block]
-        self.config = c
-        self.z = z
-        self.batch = z.shape[0]
-        self.guidance = float(guidance)
-        self.cfg = self.guidance != 0.0
-        T = c.seq_len
-        with torch.no_grad():
-            cond = self.block.class_vector(y, self.batch)
-            if self.cfg:
-                B = self.batch
-                uncond = self.block.class_vector(None, B)
-                if cond is not None:
-                    cond = torch.cat([cond.expand(B, -1, -1), uncond.expand(B, -1, -1)])
-                # Per-row inverse temperature: 1 for the conditional half.
-                self.q_scale: Tensor | None = None
-                if uncond_temperature != 1.0:
-                    scale = torch.ones(2 * B, 1, 1, 1, device=z.device)
-                    scale[B:] = 1.0 / uncond_temperature
-                    self.q_scale = scale
-                t = torch.arange(1, T, device=z.device, dtype=torch.float64)
-                g = self.guidance * (t / max(T - 1, 1) if anneal_guidance else torch.ones_like(t))
-                # g_out[i]: guidance for output position i + 1.
-                self.g_out = g.to(wide(z).dtype).view(T - 1, 1)
-            else:
-                self.q_scale = None
-            # Position (+ class) embedding for all rows, permuted order: (rows|1, T, W).
-            self.emb = self.block.embedding(cond).detach()
-
-    # ---- the map ---------------------------------------------------------------------
-
-    def _apply(self, out: Tensor, first: int, x_dtype: torch.dtype) -> Tensor:
-        """``F`` at positions ``first .. first + L - 1`` from raw network outputs.
-
-        Combines the CFG halves (``c + g (c - u)`` on ``a`` and ``mu`` at once) and
-        returns ``z exp(a) + mu``, with the combination and ``exp`` in >= float32.
-        """
-        out = wide(out)
-        if self.cfg:
-            B = self.batch
-            cond, uncond = out[:B], out[B:]
-            g = self.g_out[first - 1 : first - 1 + out.shape[1]]
-            out = cond + g * (cond - uncond)
-        a, mu = out.split(self.config.token_dim, dim=-1)
-        zt = self.z[:, first : first + out.shape[1]]
-        return torch.addcmul(mu, zt, torch.exp(a)).to(x_dtype)
-
-    def _rows(self, x: Tensor) -> Tensor:
-        return torch.cat([x, x]) if self.cfg else x
-
-    def __call__(self, x: Tensor) -> Tensor:
-        self._check(x)
-        T = self.config.seq_len
-        with torch.no_grad():
-            if T == 1:
-                return self.z.to(x.dtype).clone()
-            out = self.block.network(self._rows(x[:, : T - 1]), self.emb[:, : T - 1],
-                                     q_scale=self.q_scale)
-            rest = self._apply(out, 1, x.dtype)
-            return torch.cat([self.z[:, :1].to(x.dtype), rest], dim=1)
-
-    def init_state(self, x: Tensor) -> BlockInverseState:
-        self._check(x)
-        rows = 2 * self.batch if self.cfg else self.batch
-        # Under autocast the keys come out in the autocast dtype: store them so.
-        dev = x.device.type
-        dtype = (
-            torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
-            else self.block.proj_in.weight.dtype
-        )
-        cache = KVCache.allocate(self.config, rows, device=x.device, dtype=dtype)
-        return BlockInverseState(cache, self.z[:, :1].to(x.dtype).clone())
-
-    def committed(self, state: BlockInverseState) -> int:
-        return state.cache.length
-
-    @property
-    def rows_per_sample(self) -> int:
-        """CFG runs the conditional and the unconditional pass: two network rows."""
-        return 2 if self.cfg else 1
-
-    def positions_read(self, committed: int, lo: int, hi: int, length: int) -> int:
-        # Inputs committed..end-1 go through the network (see advance); input T-1 never.
-        end = min(max(hi - 1, lo), length - 1)
-        return max(end - committed, 0)
-
-    def advance(self, state: BlockInverseState, x: Tensor, lo: int, hi: int) -> Tensor:
-        cache = state.cache
-        n, T = cache.length, self.config.seq_len
-        if not 0 <= n <= lo <= hi <= T:
-            raise ValueError(
-                f"advance needs committed <= lo <= hi <= T, got committed={n}, lo={lo}, "
-                f"hi={hi}, T={T}"
-            )
-        # Inputs n..end-1 go through the network in one call: n..lo-1 become committed,
-        # lo..end-1 are provisional (cache entries past `length`, overwritten later).
-        # Input T-1 feeds no output, so it is never needed.
-        end = min(max(hi - 1, lo), T - 1)
-        new = None
-        if end > n:
-            with torch.no_grad():
-                out = self.block.network(
-                    self._rows(x[:, n:end]), self.emb[:, n:end], q_scale=self.q_scale,
-                    cache=cache, start=n,
-                )
-                new = self._apply(out, n + 1, x.dtype)  # F at positions n+1..end
-        cache.length = lo
-        if lo == n:
-            parts = [state.frontier] if hi > lo else []
-            if hi - 1 > n:
-                parts.append(new[:, : hi - 1 - n])
-            result = torch.cat(parts, dim=1) if parts else x[:, lo:lo].clone()
-        elif new is None:  # lo == T: everything committed, nothing left to evaluate
-            result = x[:, lo:lo].clone()
-        else:
-            result = new[:, lo - n - 1 : hi - n - 1]
-            # A copy: the result is a view of `new` that the solver may own and modify.
-            state.frontier = new[:, lo - n - 1 : lo - n].clone()
-        return result
-
-    def _check(self, x: Tensor) -> None:
-        if x.shape != self.z.shape:
-            raise ValueError(f"x must have shape {tuple(self.z.shape)}, got {tuple(x.shape)}")
-
-
-# --------------------------------------------------------------------------------------
-# sampling
+__all__ = ["Sample", "SamplingError", "denoise_step", "reverse", "sample_sequential_naive"]
 
 
 @dataclass
 class Sample:
     """Result of :func:`reverse`.
 
-    ``x``: images ``(B, C, H, W)``.  ``blocks[k]``: the solver result of block ``k``
-    (forward block order); its ``x`` is in block ``k``'s **permuted** token order.
-    ``intermediates``: images for the sampling-trace figure: the scaled noise, then the
-    image after each inverted block (blocks ``K-1 .. 0``), then the denoised image if
-    ``denoise`` was on.  ``strategy``: the strategy the blocks were actually solved
-    with (tolerances as raised by ``adjust_tolerance``, see :func:`reverse`).
+    ``images``: ``(B, C, H, W)``.  ``blocks[k]``: the solver result of block ``k``
+    (forward block order); its ``x`` is in block ``k``'s **permuted** token order (also
+    available as :attr:`permuted_solutions`).  ``intermediates``: images for the
+    sampling-trace figure: the scaled noise, then the image after each inverted block
+    (blocks ``K-1 .. 0``), then the denoised image if ``denoise`` was on.
+    ``strategy``: the strategy the blocks were actually solved with (tolerances as
+    raised by ``adjust_tolerance``, see :func:`reverse`).
     """
 
-    x: Tensor
+    images: Tensor
     blocks: list[fp.Result]
     intermediates: list[Tensor] = field(default_factory=list)
     strategy: Strategy | None = None
 
+    @property
+    def x(self) -> Tensor:
+        """Deprecated name of :attr:`images`, kept while callers migrate."""
+        return self.images
 
-def _initial_guess(z: Tensor, init: InitialGuess) -> Tensor:
-    if init is InitialGuess.NOISE:
-        return z
-    if init is InitialGuess.ZEROS_AFTER_FIRST:
-        x0 = torch.zeros_like(z)
-        x0[:, :1] = z[:, :1]  # position 0 is known exactly: x_0 = z_0
-        return x0
-    raise ValueError(f"unknown initial guess {init!r}")
+    @property
+    def permuted_solutions(self) -> list[Tensor]:
+        """Per block (forward order), its solution in the block's permuted token order:
+        what ``reverse(..., reference_permuted=...)`` reads."""
+        return [r.x for r in self.blocks]
+
+    @property
+    def statuses(self) -> tuple[fp.Status, ...]:
+        """The solver status of every block, forward block order."""
+        return tuple(r.status for r in self.blocks)
+
+    @property
+    def failed_blocks(self) -> list[int]:
+        """Blocks whose solve ended NONFINITE (forward order)."""
+        return [k for k, r in enumerate(self.blocks) if r.status is fp.Status.NONFINITE]
+
+    @property
+    def failed_samples(self) -> list[int]:
+        """Samples that ended NONFINITE in some block."""
+        bad = {i for r in self.blocks for i, s in enumerate(r.sample_status)
+               if s is fp.Status.NONFINITE}
+        return sorted(bad)
+
+
+class SamplingError(RuntimeError):
+    """A block's solve failed (NONFINITE); raised by :func:`reverse` unless
+    ``throw=False``.  ``block`` is the block index, ``result`` its solver result."""
+
+    def __init__(self, block: int, result: fp.Result):
+        self.block = block
+        self.result = result
+        status = result.status
+        bad = [i for i, s in enumerate(result.sample_status) if s is status]
+        shown = ", ".join(map(str, bad[:8])) + (" ..." if len(bad) > 8 else "")
+        super().__init__(
+            f"block {block}: {status.name}: {status.message} in {len(bad)} of "
+            f"{len(result.sample_status)} samples ({shown}); lower the guidance or check "
+            "the model's weights (throw=False returns the sample with every block's status)"
+        )
+
+
+@dataclass(frozen=True)
+class _Guidance:
+    """The classifier-free guidance options of one :func:`reverse` call."""
+
+    guidance: float
+    anneal: bool
+    uncond_temperature: float
+
+    def block_map(self, model: TarFlow, k: int, zp: Tensor, y: Tensor | None) -> BlockInverse:
+        return BlockInverse(model, k, zp, y, guidance=self.guidance, anneal_guidance=self.anneal,
+                            uncond_temperature=self.uncond_temperature)
 
 
 def reverse(
@@ -263,92 +135,115 @@ def reverse(
     anneal_guidance: bool = False,
     uncond_temperature: float = 1.0,
     denoise: bool = False,
-    reference: Sample | Sequence[Tensor] | None = None,
+    reference_permuted: Sample | Sequence[Tensor] | None = None,
     trace: bool = False,
     adjust_tolerance: bool = True,
+    throw: bool = True,
+    reference: Sample | None = None,
 ) -> Sample:
     """Invert the flow: standard normal noise ``z`` -> images.
 
     Args:
-        z: standard normal noise, tokens ``(B, T, d)`` or images ``(B, C, H, W)``; it is
-            scaled by ``sqrt(model.var)`` first.  Never modified.
+        z: standard normal noise, tokens ``(B, T, d)`` or images ``(B, C, H, W)``,
+            finite; it is scaled by ``sqrt(model.var)`` first.  Never modified.
         y: labels ``(B,)``, ``-1`` for "no label", or None.
         strategy: per-block solver and initial guess; None = sequential everywhere.
         guidance, anneal_guidance, uncond_temperature: classifier-free guidance, see
-            :class:`BlockInverse`.
+            :class:`~fixedpoint.tarflow.inverse.BlockInverse` (guidance must be finite).
         denoise: finish with one score step ``x <- x + sigma^2 grad_x log p(x | y)``
             (``sigma = config.noise_std``; autograd through one forward pass).
-        reference: per-block solutions to trace the error against: a previous
-            :class:`Sample` (its ``blocks[k].x``, permuted order), or a sequence in
-            forward block order of token tensors ``(B, T, d)`` in the **original**
-            token order (permuted here before the comparison).
-        trace: record per-iteration residuals (and errors, with ``reference``).
-        adjust_tolerance: raise a block's ``tol`` / ``rtol`` that sits below the noise
+        reference_permuted: per-block solutions to trace the error against, in forward
+            block order, each ``(B, T, d)`` in **the block's permuted token order**: a
+            previous :class:`Sample` (read as its :attr:`Sample.permuted_solutions`) or
+            a sequence of tensors.
+        trace: record per-iteration residuals (and errors, with a reference).
+        adjust_tolerance: raise a block's ``atol`` / ``rtol`` that sits below the noise
             floor of the compute dtype (see below) to that floor.  False keeps the
             given tolerances (the warning is still emitted).
+        throw: raise :class:`SamplingError` when a block ends NONFINITE (default);
+            False returns the :class:`Sample` with every block's status instead.
+        reference: deprecated name for ``reference_permuted``, accepted for a
+            :class:`Sample` only.
 
     Tolerances and precision: the map is computed in the coarser of ``z``'s dtype, the
     model's weight dtype and, under ``torch.autocast``, the autocast dtype (bfloat16:
-    ``eps = 2**-7``).  A positive tolerance below :func:`fixedpoint.noise_floor` of that
-    dtype (``4 eps``; the floor is taken at scale 1 since data and prior tokens are of
-    unit scale) is never met: the iteration runs to its cap.  Such tolerances trigger
-    **one** :class:`~fixedpoint.PrecisionWarning` per call, listing the blocks; with
-    ``adjust_tolerance`` they are raised to the floor.  ``tol = 0`` (exact finite
-    termination) is kept.  ``Sample.strategy`` records the methods actually used.
+    ``eps = 2**-7``).  The default tolerance (None) stops at that rounding level at the
+    scale of the iterate.  An explicit positive tolerance below the noise floor (``4
+    eps`` at the scale of the scaled noise) is never met: the iteration would run to its
+    cap.  Such tolerances trigger **one** :class:`~fixedpoint.PrecisionWarning` per
+    call, listing the blocks; with ``adjust_tolerance`` they are raised to the floor.
+    ``atol = rtol = 0`` (exact finite termination) is kept.  ``Sample.strategy`` records
+    the methods actually used.
     """
+    tokens = _noise_tokens(model, z)
+    strategy = _block_strategy(model, strategy)
+    refs = _reference_list(_pick_reference(reference_permuted, reference), model.config.blocks)
+    cfg = _Guidance(guidance, anneal_guidance, uncond_temperature)
+    x = tokens * model.var.sqrt().to(tokens.dtype)
+    strategy = _check_tolerances(model, x, strategy, adjust_tolerance)
+    intermediates = [model.unpatchify(x)]
+    results: list[fp.Result] = []
+    for k in reversed(range(model.config.blocks)):
+        res = _solve_block(model, k, x, y, strategy.plans[k], cfg, trace, refs[k])
+        if throw and res.status is fp.Status.NONFINITE:
+            raise SamplingError(k, res)
+        results.insert(0, res)
+        x = model.blocks[k].permute(res.x)
+        intermediates.append(model.unpatchify(x))
+    img = model.unpatchify(x)
+    if denoise:
+        img = denoise_step(model, img, y)
+        intermediates.append(img)
+    return Sample(images=img, blocks=results, intermediates=intermediates, strategy=strategy)
+
+
+def _noise_tokens(model: TarFlow, z: Tensor) -> Tensor:
+    """``z`` as tokens ``(B, T, d)``, checked: the right shape, floating point, finite."""
     c = model.config
-    K = c.blocks
+    if not isinstance(z, Tensor):
+        raise TypeError(f"z must be a torch.Tensor, got {type(z).__name__}")
     if z.ndim == 4:
         z = model.patchify(z)
     if z.ndim != 3 or z.shape[1:] != (c.seq_len, c.token_dim):
         raise ValueError(
             f"z must be tokens (B, {c.seq_len}, {c.token_dim}) or images, got {tuple(z.shape)}"
         )
+    if not z.is_floating_point():
+        raise TypeError(f"z must be a floating-point tensor, got {z.dtype}")
+    bad = int((~torch.isfinite(z)).sum())
+    if bad:
+        raise ValueError(f"the noise z has {bad} non-finite entries; it must be finite")
+    return z
+
+
+def _block_strategy(model: TarFlow, strategy: Strategy | None) -> Strategy:
+    K = model.config.blocks
     if strategy is None:
-        strategy = Strategy.uniform(fp.Sequential(), K)
+        return Strategy.uniform(fp.Sequential(), K)
+    if not isinstance(strategy, Strategy):
+        raise TypeError(f"strategy must be a Strategy or None, got {type(strategy).__name__}")
     if len(strategy.plans) != K:
         raise ValueError(f"the strategy has {len(strategy.plans)} block plans, the model {K}")
-    refs = _reference_list(reference, K)
-
-    x = z * model.var.sqrt().to(z.dtype)
-    strategy, _ = _check_tolerances(model, x, strategy, adjust_tolerance)
-    intermediates = [model.unpatchify(x)]
-    results: list[fp.Result | None] = [None] * K
-    for k in reversed(range(K)):
-        block = model.blocks[k]
-        zp = block.permute(x)
-        fmap = BlockInverse(
-            model, k, zp, y, guidance=guidance, anneal_guidance=anneal_guidance,
-            uncond_temperature=uncond_temperature,
-        )
-        plan = strategy.plans[k]
-        ref = refs[k]
-        if ref is not None and not isinstance(reference, Sample):
-            ref = block.permute(ref)  # a Sample's block solutions are already permuted
-        # Tolerances were checked above, once for all blocks.
-        res = fp.solve(fmap, _initial_guess(zp, plan.init), plan.method, trace=trace,
-                       reference=ref, check_precision=False)
-        results[k] = res
-        x = block.permute(res.x)
-        intermediates.append(model.unpatchify(x))
-
-    img = model.unpatchify(x)
-    if denoise:
-        img = denoise_step(model, img, y)
-        intermediates.append(img)
-    return Sample(x=img, blocks=results, intermediates=intermediates,  # type: ignore[arg-type]
-                  strategy=strategy)
+    return strategy
 
 
-def _check_tolerances(
-    model: TarFlow, x: Tensor, strategy: Strategy, adjust: bool
-) -> tuple[Strategy, bool]:
+def _solve_block(model: TarFlow, k: int, x: Tensor, y: Tensor | None, plan: BlockPlan,
+                 cfg: _Guidance, trace: bool, ref: Tensor | None) -> fp.Result:
+    """Invert block ``k`` given its output ``x`` (original token order)."""
+    zp = model.blocks[k].permute(x)
+    fmap = cfg.block_map(model, k, zp, y)
+    # Tolerances were checked by reverse, once for all blocks.
+    return fp.solve(fmap, plan.init.start(zp), plan.method, trace=trace, reference=ref,
+                    check_precision=False)
+
+
+def _check_tolerances(model: TarFlow, x: Tensor, strategy: Strategy, adjust: bool) -> Strategy:
     """The strategy with tolerances below the noise floor raised (if ``adjust``).
 
     The floor is taken at the scale of the iterate (the largest token magnitude of the
     scaled noise) in the coarsest arithmetic involved (the iterate, the weights,
-    autocast).  Emits at most one :class:`PrecisionWarning` for all blocks; returns
-    whether it did.
+    autocast).  Emits at most one :class:`PrecisionWarning` for all blocks, pointing at
+    the caller of :func:`reverse` (an explicit stack level: reverse calls this directly).
     """
     eps = rounding_unit(x, model.blocks[0].proj_in.weight.dtype)
     scale = max(float(x.abs().max()), 1.0)
@@ -362,16 +257,33 @@ def _check_tolerances(
                 plan = BlockPlan(raise_to_floor(plan.method, low), plan.init)
         plans.append(plan)
     if not low_blocks:
-        return strategy, False
+        return strategy
     subject = "; ".join(
         f"block{'s' if len(ks) > 1 else ''} {','.join(map(str, ks))}: {what}"
         for what, ks in low_blocks.items()
     )
-    message = precision_message(f"reverse: {subject};", {}, eps, adjust, arithmetic_name(x))
+    # precision_message without a list of its own starts with " : "; keep its wording.
+    why = precision_message("", {}, eps, adjust, arithmetic_name(x)).lstrip(" :")
+    message = f"reverse: {subject}: {why}"
     if adjust:
         message += " (adjust_tolerance=False keeps the given tolerances)"
     warnings.warn(message, PrecisionWarning, stacklevel=3)
-    return (Strategy(tuple(plans)) if adjust else strategy), True
+    return Strategy(tuple(plans)) if adjust else strategy
+
+
+def _pick_reference(
+    reference_permuted: Sample | Sequence[Tensor] | None, reference: Sample | None
+) -> Sample | Sequence[Tensor] | None:
+    if reference is None:
+        return reference_permuted
+    if reference_permuted is not None:
+        raise TypeError("pass reference_permuted only (reference is its deprecated name)")
+    if not isinstance(reference, Sample):
+        raise TypeError(
+            "reference= accepts a Sample only; pass per-block solutions in the permuted "
+            "token order as reference_permuted="
+        )
+    return reference
 
 
 def _reference_list(
@@ -379,12 +291,9 @@ def _reference_list(
 ) -> list[Tensor | None]:
     if reference is None:
         return [None] * blocks
-    if isinstance(reference, Sample):
-        refs = [r.x for r in reference.blocks]
-    else:
-        refs = list(reference)
+    refs = reference.permuted_solutions if isinstance(reference, Sample) else list(reference)
     if len(refs) != blocks:
-        raise ValueError(f"reference has {len(refs)} entries, the model {blocks} blocks")
+        raise ValueError(f"the reference has {len(refs)} entries, the model {blocks} blocks")
     return refs
 
 

@@ -1,7 +1,8 @@
 """Per-block sampling strategies, and the paper's ``[Stack-GS-J-Else]`` notation.
 
 A :class:`Strategy` gives every flow block (in *forward* block order) a solver method and
-an initial guess.  The GS-Jacobi paper (Liu & Qin 2025) writes strategies as
+an initial guess.  Any :class:`fixedpoint.Method` works, including one written outside
+the package.  The GS-Jacobi paper (Liu & Qin 2025) writes strategies as
 ``[Stack-GS-J-Else]``:
 
 * ``Stack``: the block(s) that get GS-Jacobi modules, e.g. ``6`` or ``0/7``;
@@ -13,24 +14,23 @@ an initial guess.  The GS-Jacobi paper (Liu & Qin 2025) writes strategies as
 So ``[0/7-256/8-1/13-6]`` gives block 0 256 modules of at most 1 iteration, block 7 8
 modules of at most 13 iterations, and the other blocks plain Jacobi capped at 6.
 
-:func:`select_strategy` implements the paper's rule from a CRM / IGM table.
+The paper's rule that picks a strategy from the CRM / IGM diagnostics is
+:func:`fixedpoint.tarflow.diagnostics.select_strategy`.
 """
 
 from __future__ import annotations
 
 import enum
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
 
 import fixedpoint as fp
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .metrics import BlockMetrics
-
-__all__ = ["BlockPlan", "InitialGuess", "Strategy", "select_strategy"]
+__all__ = ["BlockPlan", "InitialGuess", "Strategy"]
 
 
 class InitialGuess(enum.Enum):
@@ -39,7 +39,13 @@ class InitialGuess(enum.Enum):
     NOISE = "z"  # x0 = z
     ZEROS_AFTER_FIRST = "zeros"  # x0 = z at position 0 (exact there), 0 elsewhere
 
-
+    def start(self, z: Tensor) -> Tensor:
+        """The initial iterate for block output ``z`` ``(B, T, d)``; ``z`` is not modified."""
+        if self is InitialGuess.NOISE:
+            return z
+        x0 = torch.zeros_like(z)
+        x0[:, :1] = z[:, :1]  # position 0 is known exactly: x_0 = z_0
+        return x0
 
 
 @dataclass(frozen=True)
@@ -51,19 +57,27 @@ class BlockPlan:
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, fp.Method):
-            raise TypeError(f"method must be a fixedpoint method, got {self.method!r}")
+            raise TypeError(f"method must be a fixedpoint.Method, got {self.method!r}")
         if not isinstance(self.init, InitialGuess):
             raise TypeError(f"init must be an InitialGuess, got {self.init!r}")
 
     def describe(self) -> str:
-        return f"{_method_text(self.method)}, init {self.init.value}"
-
-
-def _method_text(m: fp.Method) -> str:
-    return m.describe()
+        return f"{self.method.describe()}, init {self.init.value}"
 
 
 _SPEC = re.compile(r"^\[([^\[\]]*)\]$")
+_FIELDS = ("Stack", "GS", "J", "Else")
+
+
+@dataclass(frozen=True)
+class _Notation:
+    """The four fields of ``[Stack-GS-J-Else]``, GS and J expanded to one per stacked
+    block."""
+
+    stack: list[int]
+    modules: list[int]
+    caps: list[int]
+    else_cap: int
 
 
 @dataclass(frozen=True)
@@ -88,8 +102,7 @@ class Strategy:
         cls, method: fp.Method, blocks: int, init: InitialGuess = InitialGuess.NOISE
     ) -> Strategy:
         """The same method and initial guess for every block."""
-        if not isinstance(blocks, int) or blocks < 1:
-            raise ValueError(f"blocks must be a positive int, got {blocks!r}")
+        _check_positive("blocks", blocks)
         return cls(tuple(BlockPlan(method, init) for _ in range(blocks)))
 
     @classmethod
@@ -105,69 +118,20 @@ class Strategy:
     ) -> Strategy:
         """Parse the paper notation ``[Stack-GS-J-Else]`` for a ``blocks``-block model.
 
-        ``atol`` / ``rtol`` go to every method (default None: stop at the rounding level;
-        0 lets the iteration caps and finite termination decide, as the paper's runs did).
-        ``init`` is one initial guess for all blocks or one per block (forward order).
+        ``atol`` / ``rtol`` go to every method (default None: stop at the rounding level
+        of the iterate; 0 lets the iteration caps and finite termination decide, as the
+        paper's runs did).  ``init`` is one initial guess for all blocks or one per block
+        (forward order).
         """
-        if not isinstance(blocks, int) or blocks < 1:
-            raise ValueError(f"blocks must be a positive int, got {blocks!r}")
-        if not isinstance(seq_len, int) or seq_len < 1:
-            raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
-        if not isinstance(spec, str):
-            raise TypeError(f"spec must be a string, got {type(spec).__name__}")
-        m = _SPEC.match(spec.replace(" ", ""))
-        if m is None:
-            raise ValueError(
-                f"strategy {spec!r} must be of the form [Stack-GS-J-Else] in square brackets"
-            )
-        fields = m.group(1).split("-")
-        if len(fields) != 4:
-            raise ValueError(
-                f"strategy {spec!r} needs 4 '-'-separated fields (Stack-GS-J-Else), "
-                f"got {len(fields)}"
-            )
-        names = ("Stack", "GS", "J", "Else")
-        lists = []
-        for name, text in zip(names, fields):
-            items = text.split("/")
-            if any(not it.isdigit() for it in items):
-                raise ValueError(
-                    f"strategy {spec!r}: field {name} must be '/'-separated non-negative "
-                    f"integers, got {text!r}"
-                )
-            lists.append([int(it) for it in items])
-        stack, gs, jmax, other = lists
-        if len(other) != 1:
-            raise ValueError(f"strategy {spec!r}: field Else must be a single number")
-        # A single GS or J value applies to every stacked block ("[0/6-8-32-20]").
-        for name, values in (("GS", gs), ("J", jmax)):
-            if len(values) not in (1, len(stack)):
-                raise ValueError(
-                    f"strategy {spec!r}: {name} lists {len(values)} entries for "
-                    f"{len(stack)} stacked block(s); give one value or one per block"
-                )
-        gs = gs * len(stack) if len(gs) == 1 else gs
-        jmax = jmax * len(stack) if len(jmax) == 1 else jmax
-        if len(set(stack)) != len(stack):
-            raise ValueError(f"strategy {spec!r}: a block is listed twice in Stack")
-        for b in stack:
-            if b >= blocks:
-                raise ValueError(
-                    f"strategy {spec!r}: block index {b} out of range for {blocks} blocks"
-                )
-        for name, values in (("GS", gs), ("J", jmax), ("Else", other)):
-            if any(v < 1 for v in values):
-                raise ValueError(f"strategy {spec!r}: {name} values must be positive")
-        for g in gs:
-            if g > seq_len:
-                raise ValueError(
-                    f"strategy {spec!r}: {g} modules exceed the sequence length T={seq_len}"
-                )
+        _check_positive("blocks", blocks)
+        _check_positive("seq_len", seq_len)
+        notation = _read_notation(spec)
+        _check_notation(spec, notation, blocks, seq_len)
         inits = _inits(init, blocks)
         methods: list[fp.Method] = [
-            fp.Jacobi(atol=atol, rtol=rtol, max_iter=other[0]) for _ in range(blocks)
+            fp.Jacobi(atol=atol, rtol=rtol, max_iter=notation.else_cap) for _ in range(blocks)
         ]
-        for b, g, j in zip(stack, gs, jmax):
+        for b, g, j in zip(notation.stack, notation.modules, notation.caps):
             methods[b] = fp.GSJacobi(modules=g, max_iter=j, atol=atol, rtol=rtol)
         return cls(tuple(BlockPlan(mt, it) for mt, it in zip(methods, inits)))
 
@@ -176,7 +140,8 @@ class Strategy:
 
         Representable: GS-Jacobi blocks with a module count and a cap, every other block
         plain Jacobi with one shared cap, and one shared tolerance.  The initial guesses
-        are not part of the notation.
+        are not part of the notation.  (The notation names two methods; any other method
+        is a valid strategy that simply has no spec.)
         """
         stack, other, tols = [], set(), set()
         for k, p in enumerate(self.plans):
@@ -186,6 +151,8 @@ class Strategy:
             elif isinstance(m, fp.Jacobi) and m.max_iter is not None:
                 other.add(m.max_iter)
             else:
+                return None
+            if isinstance(m.atol, Tensor) or isinstance(m.rtol, Tensor):
                 return None
             tols.add((m.atol, m.rtol))
         if len(tols) != 1 or len(other) > 1 or not stack:
@@ -210,6 +177,69 @@ class Strategy:
         return spec + (f" (init zeros: blocks {','.join(odd)})" if odd else "")
 
 
+def _check_positive(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _read_notation(spec: str) -> _Notation:
+    """The four fields of ``spec`` as integer lists (syntax only)."""
+    if not isinstance(spec, str):
+        raise TypeError(f"spec must be a string, got {type(spec).__name__}")
+    m = _SPEC.match(spec.replace(" ", ""))
+    if m is None:
+        raise ValueError(
+            f"strategy {spec!r} must be of the form [Stack-GS-J-Else] in square brackets"
+        )
+    fields = m.group(1).split("-")
+    if len(fields) != 4:
+        raise ValueError(
+            f"strategy {spec!r} needs 4 '-'-separated fields (Stack-GS-J-Else), "
+            f"got {len(fields)}"
+        )
+    lists = []
+    for name, text in zip(_FIELDS, fields):
+        items = text.split("/")
+        if any(not it.isdigit() for it in items):
+            raise ValueError(
+                f"strategy {spec!r}: field {name} must be '/'-separated non-negative "
+                f"integers, got {text!r}"
+            )
+        lists.append([int(it) for it in items])
+    stack, gs, jmax, other = lists
+    if len(other) != 1:
+        raise ValueError(f"strategy {spec!r}: field Else must be a single number")
+    # A single GS or J value applies to every stacked block ("[0/6-8-32-20]").
+    for name, values in (("GS", gs), ("J", jmax)):
+        if len(values) not in (1, len(stack)):
+            raise ValueError(
+                f"strategy {spec!r}: {name} lists {len(values)} entries for "
+                f"{len(stack)} stacked block(s); give one value or one per block"
+            )
+    gs = gs * len(stack) if len(gs) == 1 else gs
+    jmax = jmax * len(stack) if len(jmax) == 1 else jmax
+    return _Notation(stack, gs, jmax, other[0])
+
+
+def _check_notation(spec: str, n: _Notation, blocks: int, seq_len: int) -> None:
+    """Meaning: block indices exist and are distinct, counts positive, modules <= T."""
+    if len(set(n.stack)) != len(n.stack):
+        raise ValueError(f"strategy {spec!r}: a block is listed twice in Stack")
+    for b in n.stack:
+        if b >= blocks:
+            raise ValueError(
+                f"strategy {spec!r}: block index {b} out of range for {blocks} blocks"
+            )
+    for name, values in (("GS", n.modules), ("J", n.caps), ("Else", [n.else_cap])):
+        if any(v < 1 for v in values):
+            raise ValueError(f"strategy {spec!r}: {name} values must be positive")
+    for g in n.modules:
+        if g > seq_len:
+            raise ValueError(
+                f"strategy {spec!r}: {g} modules exceed the sequence length T={seq_len}"
+            )
+
+
 def _inits(init: InitialGuess | Sequence[InitialGuess], blocks: int) -> list[InitialGuess]:
     if isinstance(init, InitialGuess):
         return [init] * blocks
@@ -217,53 +247,3 @@ def _inits(init: InitialGuess | Sequence[InitialGuess], blocks: int) -> list[Ini
     if len(inits) != blocks:
         raise ValueError(f"init lists {len(inits)} initial guesses for {blocks} blocks")
     return inits
-
-
-def select_strategy(
-    table: Sequence[BlockMetrics],
-    *,
-    seq_len: int,
-    modules: int = 8,
-    gs_max_iter: int = 32,
-    jacobi_max_iter: int = 10,
-    threshold: float = 1.5,
-    igm: str = "paper",
-    atol: float | None = None,
-    rtol: float | None = None,
-) -> Strategy:
-    """The paper's rule: split CRM-dominant blocks into modules, pick starts by IGM.
-
-    A block is *dominant* when its CRM share exceeds ``threshold`` times the uniform
-    share ``100 / K`` percent (default 1.5x: with 8 blocks, above 18.75 %; the published
-    tables have one or two blocks at 33-75 % and the rest below 11 %).  Dominant blocks
-    get ``GSJacobi(modules, gs_max_iter)``; the others ``Jacobi(jacobi_max_iter)``.
-    Every block starts from the candidate with the smaller IGM (``igm="paper"``: the
-    norm of the batch-mean error, as published; ``"sample"``: the mean per-sample
-    norm); ties and non-finite values favour the noise start.
-    """
-    K = len(table)
-    if K == 0:
-        raise ValueError("the metrics table is empty")
-    if igm not in ("paper", "sample"):
-        raise ValueError(f"igm must be 'paper' or 'sample', got {igm!r}")
-    if not 1 <= modules <= seq_len:
-        raise ValueError(f"modules must be in [1, seq_len={seq_len}], got {modules}")
-    if not threshold > 0:
-        raise ValueError(f"threshold must be > 0, got {threshold!r}")
-    cut = threshold * 100.0 / K
-    plans = []
-    for row in table:
-        if row.crm_percent > cut:
-            method: fp.Method = fp.GSJacobi(modules=modules, max_iter=gs_max_iter, atol=atol,
-                                            rtol=rtol)
-        else:
-            method = fp.Jacobi(atol=atol, rtol=rtol, max_iter=jacobi_max_iter)
-        noise = _finite_or_inf(getattr(row, f"igm_{igm}_noise"))
-        zeros = _finite_or_inf(getattr(row, f"igm_{igm}_zeros"))
-        init = InitialGuess.ZEROS_AFTER_FIRST if zeros < noise else InitialGuess.NOISE
-        plans.append(BlockPlan(method, init))
-    return Strategy(tuple(plans))
-
-
-def _finite_or_inf(v: float) -> float:
-    return v if math.isfinite(v) else math.inf

@@ -1,4 +1,4 @@
-"""The GS-Jacobi paper's per-block diagnostics: CRM and IGM.
+"""The GS-Jacobi paper's per-block diagnostics (CRM, IGM) and its strategy rule.
 
 * **CRM** (Convergence Ranking Metric) of block ``k``, on a batch of (training) images:
 
@@ -13,27 +13,49 @@
 * **IGM** (Initial Guessing Metric): with the block's true input ``x_true`` and output
   ``z`` from the forward pass, one Jacobi iterate ``F(x0)`` of the block inverse from a
   candidate start ``x0`` (``z``, or ``z`` with every position but the first zeroed) is
-  compared with ``x_true``:
+  compared with ``x_true`` in one of two forms (:class:`IGMForm`):
 
-  - paper form: ``||mean_batch(F(x0) - x_true)||_2``.  The batch mean comes before the
+  - ``PAPER``: ``||mean_batch(F(x0) - x_true)||_2``.  The batch mean comes before the
     norm, so errors of opposite sign cancel;
-  - per-sample form: ``mean_batch ||F(x0) - x_true||_2``, which cannot cancel.  By the
+  - ``PER_SAMPLE``: ``mean_batch ||F(x0) - x_true||_2``, which cannot cancel.  By the
     triangle inequality the paper form is never larger.
+
+:func:`select_strategy` is the paper's rule turning such a table into a
+:class:`~fixedpoint.tarflow.strategy.Strategy`.
 """
 
 from __future__ import annotations
 
+import enum
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .model import TarFlow, wide
-from .sampling import BlockInverse, _initial_guess
-from .strategy import InitialGuess
+import fixedpoint as fp
 
-__all__ = ["BlockMetrics", "crm_igm_table", "format_table", "igm_paper", "igm_sample"]
+from .inverse import BlockInverse
+from .model import TarFlow, wide
+from .strategy import BlockPlan, InitialGuess, Strategy
+
+__all__ = [
+    "BlockMetrics",
+    "IGMForm",
+    "crm_igm_table",
+    "format_table",
+    "igm_paper",
+    "igm_sample",
+    "select_strategy",
+]
+
+
+class IGMForm(enum.Enum):
+    """Which IGM decides the initial guess (see the module docstring)."""
+
+    PAPER = "paper"  # norm of the batch-mean error, as published
+    PER_SAMPLE = "sample"  # mean of the per-sample norms
 
 
 @dataclass(frozen=True)
@@ -47,6 +69,16 @@ class BlockMetrics:
     igm_paper_zeros: float
     igm_sample_noise: float
     igm_sample_zeros: float
+
+    def igm(self, form: IGMForm, start: InitialGuess) -> float:
+        """The IGM of ``form`` for the initial guess ``start``."""
+        table = {
+            (IGMForm.PAPER, InitialGuess.NOISE): self.igm_paper_noise,
+            (IGMForm.PAPER, InitialGuess.ZEROS_AFTER_FIRST): self.igm_paper_zeros,
+            (IGMForm.PER_SAMPLE, InitialGuess.NOISE): self.igm_sample_noise,
+            (IGMForm.PER_SAMPLE, InitialGuess.ZEROS_AFTER_FIRST): self.igm_sample_zeros,
+        }
+        return table[form, start]
 
 
 def igm_paper(pred: Tensor, target: Tensor) -> float:
@@ -85,7 +117,7 @@ def crm_igm_table(
         fmap = BlockInverse(model, k, t.z, labels, guidance=guidance)
         row = []
         for init in (InitialGuess.NOISE, InitialGuess.ZEROS_AFTER_FIRST):
-            pred = fmap(_initial_guess(t.z, init))
+            pred = fmap(init.start(t.z))
             row.append((igm_paper(pred, t.x), igm_sample(pred, t.x)))
         igms.append(row)
     total = sum(crms)
@@ -116,3 +148,52 @@ def format_table(table: Sequence[BlockMetrics], *, digits: int = 3) -> str:
         cells = [f"{v:.2f}" if i == 1 else f"{v:.{digits}g}" for i, v in enumerate(vals)]
         lines.append(f"| {r.block} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def select_strategy(
+    table: Sequence[BlockMetrics],
+    *,
+    seq_len: int,
+    modules: int = 8,
+    gs_max_iter: int = 32,
+    jacobi_max_iter: int = 10,
+    threshold: float = 1.5,
+    igm: IGMForm = IGMForm.PAPER,
+    atol: float | None = None,
+    rtol: float | None = None,
+) -> Strategy:
+    """The paper's rule: split CRM-dominant blocks into modules, pick starts by IGM.
+
+    A block is *dominant* when its CRM share exceeds ``threshold`` times the uniform
+    share ``100 / K`` percent (default 1.5x: with 8 blocks, above 18.75 %; the published
+    tables have one or two blocks at 33-75 % and the rest below 11 %).  Dominant blocks
+    get ``GSJacobi(modules, gs_max_iter)``; the others ``Jacobi(jacobi_max_iter)``.
+    Every block starts from the candidate with the smaller IGM of form ``igm``; ties
+    and non-finite values favour the noise start.
+    """
+    K = len(table)
+    if K == 0:
+        raise ValueError("the metrics table is empty")
+    if not isinstance(igm, IGMForm):
+        raise ValueError(f"igm must be an IGMForm (PAPER or PER_SAMPLE), got {igm!r}")
+    if not 1 <= modules <= seq_len:
+        raise ValueError(f"modules must be in [1, seq_len={seq_len}], got {modules}")
+    if not threshold > 0:
+        raise ValueError(f"threshold must be > 0, got {threshold!r}")
+    cut = threshold * 100.0 / K
+    plans = []
+    for row in table:
+        if row.crm_percent > cut:
+            method: fp.Method = fp.GSJacobi(modules=modules, max_iter=gs_max_iter, atol=atol,
+                                            rtol=rtol)
+        else:
+            method = fp.Jacobi(atol=atol, rtol=rtol, max_iter=jacobi_max_iter)
+        noise = _finite_or_inf(row.igm(igm, InitialGuess.NOISE))
+        zeros = _finite_or_inf(row.igm(igm, InitialGuess.ZEROS_AFTER_FIRST))
+        init = InitialGuess.ZEROS_AFTER_FIRST if zeros < noise else InitialGuess.NOISE
+        plans.append(BlockPlan(method, init))
+    return Strategy(tuple(plans))
+
+
+def _finite_or_inf(v: float) -> float:
+    return v if math.isfinite(v) else math.inf
