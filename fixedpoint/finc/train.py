@@ -101,7 +101,8 @@ class Preset:
 
 
 # Sized for a shared 2-core CPU.  Step times (1 thread, batch 64, shared machine): digits
-# ~0.06-0.11 s, mnist ~0.28 s (125 steps per epoch over 8,000 images: 25 epochs ~ 15 min).
+# ~0.06-0.11 s, mnist 0.28 s idle to 0.7 s loaded (125 steps per epoch over 8,000 images:
+# 12 epochs take 7 to 18 min).
 PRESETS: dict[str, Preset] = {
     "digits": Preset(
         FInCFlowConfig(image_size=8, channels=1, levels=2, steps=4, kernel_size=3,
@@ -113,7 +114,7 @@ PRESETS: dict[str, Preset] = {
     "mnist": Preset(
         FInCFlowConfig(image_size=28, channels=1, levels=2, steps=6, kernel_size=3,
                        hidden=48, bins=256),
-        TrainConfig(dataset="mnist", epochs=25, batch_size=64, lr=1e-3, warmup=100,
+        TrainConfig(dataset="mnist", epochs=12, batch_size=64, lr=1e-3, warmup=100,
                     checkpoint_every=100, out_dir=".cache/runs/finc-mnist"),
         "MNIST 28x28 (256 levels), 2 levels x 6 steps, k=3, coupling width 48",
     ),
