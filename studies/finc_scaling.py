@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -49,7 +50,7 @@ from fixedpoint.finc.sampling import baseline_inverter, core_inverter, reconstru
 from fixedpoint.finc.train import PRESETS, evaluate_bpd, train
 from fixedpoint.methods.levels import LevelSchedule
 
-from .common import CACHE, MODES, ROOT, Mode, save_figure, timed, write_json
+from .common import CACHE, MODES, ROOT, Mode, read_json, save_figure, timed, write_json
 
 SEED = 0
 KERNELS = (2, 3, 5)
@@ -253,7 +254,7 @@ def _flow_rows(model: FInCFlow, test_x: torch.Tensor, repeats: int) -> dict[str,
 
             seconds, u = _time(run, repeats)
             row[f"seconds_batch{batch}"] = seconds
-            if batch == 100:
+            if batch == max(BATCHES):
                 if reference is None:
                     reference = u
                 row["deviation_from_sequential"] = float((u - reference).abs().max())
@@ -264,7 +265,8 @@ def _flow_rows(model: FInCFlow, test_x: torch.Tensor, repeats: int) -> dict[str,
                 row["reconstruction_error"] = reconstruction_error(
                     model, u_test, inverter(), layout)
         out["methods"].append(row)
-        print(f"  {name:42s} {row['seconds_batch100']:8.3f} s / 100 samples, "
+        print(f"  {name:42s} {row[f'seconds_batch{max(BATCHES)}']:8.3f} s / "
+              f"{max(BATCHES)} samples, "
               f"{row['seconds_batch1'] * 1e3:8.1f} ms at batch 1", flush=True)
     out["finc_units"] = len(model.finc_units())
     return out
@@ -338,14 +340,15 @@ def section_values(payload: dict[str, Any]) -> dict[str, str]:
         "dense": "torch.linalg.solve_triangular (dense)",
         "sparse": "scipy spsolve_triangular (sparse)",
     }
-    for batch in BATCHES:
+    v["batch_small"], v["batch_big"] = str(min(BATCHES)), str(max(BATCHES))
+    for batch, size in ((min(BATCHES), "small"), (max(BATCHES), "big")):
         for key, name in short.items():
             r = _find(rows, k=3, n=n_max, batch=batch, method=name)
-            v[f"{key}_ms_b{batch}"] = ms(r)
+            v[f"{key}_ms_{size}"] = ms(r)
             v[f"{key}_steps"] = str(_find(rows, k=3, n=n_max, batch=1, method=name).get(
                 "dependent_steps", "n/a"))
             s = payload["unit"]["time_slopes"][f"k=3, batch={batch}"].get(name)
-            v[f"{key}_slope_b{batch}"] = "n/a" if s is None else f"{s:.2f}"
+            v[f"{key}_slope_{size}"] = "n/a" if s is None else f"{s:.2f}"
         for key, name in short.items():
             s = payload["unit"]["step_slopes"]["k=3, batch=1"].get(name)
             v[f"{key}_step_slope"] = "n/a" if s is None else f"{s:.2f}"
@@ -355,18 +358,19 @@ def section_values(payload: dict[str, Any]) -> dict[str, str]:
     v["worst_error"] = f"{max(r['error_vs_float64'] for r in rows if 'seconds' in r):.1e}"
     v["worst_recon"] = f"{max(r['reconstruction_error'] for r in rows if 'seconds' in r):.1e}"
     for k in KERNELS:
-        r = _find(rows, k=k, n=n_max, batch=100, method=short["lvl_pix"])
+        r = _find(rows, k=k, n=n_max, batch=max(BATCHES), method=short["lvl_pix"])
         v[f"lvl_ms_k{k}"] = ms(r)
-        r = _find(rows, k=k, n=n_max, batch=100, method=short["seq_pix"])
+        r = _find(rows, k=k, n=n_max, batch=max(BATCHES), method=short["seq_pix"])
         v[f"seq_ms_k{k}"] = ms(r)
-    table = ["| model | method | s / 100 samples | ms at batch 1 | dependent steps | "
+    big = max(BATCHES)
+    table = [f"| model | method | s / {big} samples | ms at batch 1 | dependent steps | "
              "every solve converged | max deviation from sequential | reconstruction error |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, flow in payload["flows"].items():
         for r in flow["methods"]:
             steps = "n/a" if r.get("dependent_steps") is None else str(r["dependent_steps"])
             status = {True: "yes", False: "no (cap)", None: "n/a"}[r.get("all_converged")]
-            table.append(f"| {name} | {r['method']} | {r['seconds_batch100']:.3f} | "
+            table.append(f"| {name} | {r['method']} | {r[f'seconds_batch{big}']:.3f} | "
                          f"{r['seconds_batch1'] * 1e3:.1f} | {steps} | {status} | "
                          f"{r['deviation_from_sequential']:.1e} | "
                          f"{r['reconstruction_error']:.1e} |")
@@ -379,7 +383,7 @@ def section_values(payload: dict[str, Any]) -> dict[str, str]:
         for key, name2 in (("lvl", short["lvl_pix"]), ("seq", short["seq_pix"]),
                            ("dense", short["dense"]), ("sparse", short["sparse"])):
             r = next((m for m in flow["methods"] if m["method"] == name2), {})
-            v[f"{name}_{key}_s100"] = f"{r.get('seconds_batch100', float('nan')):.3f}"
+            v[f"{name}_{key}_s100"] = f"{r.get(f'seconds_batch{big}', float('nan')):.3f}"
     v.setdefault("mnist_bpd", "not measured (no MNIST files)")
     for key in ("lvl", "seq", "dense", "sparse"):
         v.setdefault(f"mnist_{key}_s100", "n/a")
@@ -429,8 +433,9 @@ def run(mode: Mode, mnist_checkpoint: str | None = None) -> dict[str, Any]:
             else:
                 model, info = _trained("mnist", mode)
             flows["mnist"] = {"model": info, **_flow_rows(model, mnist.test_x, repeats)}
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     regime = (f"CPU ({torch.get_num_threads()} thread), float32 (scipy: float64), shared "
-              "2-core machine; median of repeats")
+              f"2-core machine (load average at the end {load}); median of repeats")
     return {
         "regime": regime,
         "unit": {
@@ -449,13 +454,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mode", choices=MODES, default="fast")
     parser.add_argument("--mnist-checkpoint", default=None,
                         help="use this trained MNIST flow instead of training the preset")
+    parser.add_argument("--render", action="store_true",
+                        help="only redraw the figure and the section from the stored JSON")
     args = parser.parse_args(argv)
     mode = MODES[args.mode]
     out_dir = Path(mode.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with timed(f"finc_scaling {mode.name}"):
-        payload = run(mode, args.mnist_checkpoint)
-    write_json(out_dir / "finc_scaling.json", payload, seed=SEED)
+    if args.render:
+        payload = read_json(out_dir / "finc_scaling.json")
+    else:
+        with timed(f"finc_scaling {mode.name}"):
+            payload = run(mode, args.mnist_checkpoint)
+        write_json(out_dir / "finc_scaling.json", payload, seed=SEED)
     _figure(payload["unit"]["rows"], out_dir / "finc_scaling.png")
     render_section(payload, out_dir.parent / "finc.md")
     print(f"wrote {out_dir / 'finc_scaling.json'}, finc_scaling.png, "
