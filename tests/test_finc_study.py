@@ -18,6 +18,7 @@ def test_slope_of_a_power_law():
     assert finc_scaling._slope([(8, 1.0)]) is None
 
 
+@pytest.mark.slow
 def test_the_section_renders_from_a_measured_payload(tmp_path, monkeypatch):
     monkeypatch.setattr(finc_scaling, "BATCHES", (1, 2))
     monkeypatch.setattr(finc_scaling, "KERNELS", (2, 3, 5))
