@@ -2,30 +2,25 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import subprocess
 import sys
-import types
+import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from fixedpoint import cli
+import fixedpoint.cli
 from fixedpoint.cli import main
-from fixedpoint.tarflow.checkpoint import load_checkpoint
+from fixedpoint.cli.common import checked_float, checked_int
+from fixedpoint.tarflow import TarFlow, TarFlowConfig
+from fixedpoint.tarflow.checkpoint import load_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--width", "64", "--blocks", "2", "--layers", "1", "--threads", "1", "--quiet"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> object:
-    # Tiny models: one thread is as fast, and immune to a busy second core.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -42,12 +37,121 @@ def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, 
     return code, out, err
 
 
-def assert_user_error(code: int, err: str, pattern: str) -> None:
-    assert code == 2
+def assert_one_line_error(code: int, err: str, pattern: str, status: int = 2) -> None:
+    assert code == status
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and "usage:" not in err
+    assert lines[0].startswith("fixedpoint"), lines[0]
     assert pattern in lines[0], lines[0]
+
+
+# ------------------------------------------------------------- the package contract
+
+
+@pytest.fixture
+def probe_group(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> object:
+    """A command group ``probe`` in a module the package has never seen: it is found
+    without editing any CLI file. Its handler records what it saw and does what
+    ``--do`` says."""
+    (tmp_path / "zz_probe.py").write_text(textwrap.dedent("""
+        import torch
+        from fixedpoint.cli.common import (
+            CommandFailed, UserError, add_threads_option, positive_int)
+
+        SEEN = []
+
+        def handler(args):
+            SEEN.append(torch.get_num_threads())
+            if args.do == "user-error":
+                raise UserError("that input is wrong")
+            if args.do == "fail":
+                raise CommandFailed("the solver diverged in block 1")
+            if args.do == "interrupt":
+                raise KeyboardInterrupt
+            return args.n
+
+        def register(subparsers):
+            p = subparsers.add_parser("probe", help="a probe group")
+            p.add_argument("--do", default="ok")
+            p.add_argument("--n", type=positive_int, default=7)
+            add_threads_option(p)
+            p.set_defaults(func=handler, on_interrupt="rerun to resume")
+    """))
+    monkeypatch.setattr(fixedpoint.cli, "__path__", [*fixedpoint.cli.__path__, str(tmp_path)])
+    monkeypatch.delitem(sys.modules, "fixedpoint.cli.zz_probe", raising=False)
+    yield
+    sys.modules.pop("fixedpoint.cli.zz_probe", None)
+
+
+def test_group_modules_are_discovered(
+    probe_group: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["probe"]) == 7
+    assert main(["probe", "--n", "3"]) == 3
+    assert main(["--help"]) == 0
+    listing = capsys.readouterr().out
+    for command in ("probe", "train", "sample", "generate", "metrics", "convert", "demo"):
+        assert f"    {command} " in listing, command
+    names = [m.__name__.rsplit(".", 1)[1] for m in fixedpoint.cli.group_modules()]
+    assert {"tarflow", "demo", "zz_probe"} <= set(names) and "common" not in names
+
+
+def test_errors_of_a_group_are_one_line_with_their_exit_status(
+    probe_group: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(["probe", "--do", "user-error"], capsys)
+    assert_one_line_error(code, err, "fixedpoint: error: that input is wrong")
+    code, _, err = run(["probe", "--do", "fail"], capsys)
+    assert_one_line_error(code, err, "fixedpoint: error: the solver diverged in block 1",
+                          status=1)
+    code, _, err = run(["probe", "--n", "0"], capsys)
+    assert_one_line_error(code, err, "fixedpoint probe: error: --n must be >= 1, got 0")
+    code, _, err = run(["probe", "--do", "interrupt"], capsys)
+    assert (code, err) == (130, "fixedpoint: interrupted; rerun to resume\n")
+
+
+def test_threads_apply_to_the_command_and_are_restored(
+    probe_group: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    torch.set_num_threads(1)
+    assert main(["probe", "--threads", "2"]) == 7
+    assert torch.get_num_threads() == 1
+    assert main(["probe", "--threads", "2", "--do", "interrupt"]) == 130
+    assert torch.get_num_threads() == 1
+    assert main(["probe", "--threads", "2", "--do", "user-error"]) == 2
+    assert torch.get_num_threads() == 1
+    assert main(["probe"]) == 7  # no --threads: left as it is
+    capsys.readouterr()
+    assert sys.modules["fixedpoint.cli.zz_probe"].SEEN == [2, 2, 2, 1]
+
+
+@pytest.mark.parametrize(
+    ("kind", "text", "message"),
+    [
+        (checked_float(), "nan", "must be a finite number, got 'nan'"),
+        (checked_float(), "-inf", "must be a finite number, got '-inf'"),
+        (checked_float(), "1e999", "must be a finite number, got '1e999'"),
+        (checked_float(0.0, open_low=True), "0", "must be > 0, got 0"),
+        (checked_float(0.0, 100.0), "100.5", "must be in [0, 100], got 100.5"),
+        (checked_float(), "x", "must be a number, got 'x'"),
+        (checked_int(1), "0", "must be >= 1, got 0"),
+        (checked_int(1, 5), "6", "must be in [1, 5], got 6"),
+        (checked_int(), "1.5", "must be an integer, got '1.5'"),
+    ],
+)
+def test_checked_types_refuse(kind, text: str, message: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match=message.replace("[", r"\[")):
+        kind(text)
+
+
+def test_checked_types_accept_the_bounds() -> None:
+    assert checked_float(0.0, 100.0)("100") == 100.0 and checked_float(0.0)("0") == 0.0
+    assert checked_float()("-1e300") == -1e300
+    assert checked_int(1, 5)("5") == 5 and checked_int(1)(" 3 ") == 3
+
+
+# ------------------------------------------------------------------ TarFlow commands
 
 
 def test_train_prints_nll_and_checkpoint(
@@ -129,8 +233,25 @@ def test_metrics_table(checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> 
         (["--strategy", "gs-jacobi", "--modules", "99"], "--modules must be in 1..16"),
         (["--labels", "12"], "--labels 12 outside 0..9"),
         (["--labels", "a,b"], "comma-separated integers"),
-        (["--batch", "0"], "--batch must be >= 1"),
+        (["--batch", "0"], "--batch must be >= 1, got 0"),
         (["--device", "cuda:0"], "CUDA is not available"),
+        # Options that do not apply are refused rather than silently ignored.
+        (["--strategy", "jacobi", "--modules", "3"],
+         "--modules applies to --strategy gs-jacobi only, not 'jacobi'"),
+        (["--modules", "3"], "--modules applies to --strategy gs-jacobi only"),
+        (["--strategy", "[1-4-8-5]", "--modules", "3"], "a spec sets its own module counts"),
+        (["--atol", "1e-3"], "--atol / --rtol do not apply to --strategy sequential"),
+        # Non-finite or absurd numbers are refused while parsing.
+        (["--guidance", "nan"], "--guidance must be a finite number, got 'nan'"),
+        (["--guidance", "inf"], "--guidance must be a finite number, got 'inf'"),
+        (["--guidance", "-1"], "--guidance must be in [0, 100], got -1"),
+        (["--guidance", "1e9"], "--guidance must be in [0, 100], got 1e+09"),
+        (["--strategy", "jacobi", "--atol", "nan"], "--atol must be a finite number"),
+        (["--strategy", "jacobi", "--atol", "-0.001"], "--atol must be >= 0, got -0.001"),
+        (["--strategy", "jacobi", "--rtol", "2"], "--rtol must be in [0, 0.5], got 2"),
+        (["--nrow", "0"], "--nrow must be >= 1, got 0"),
+        (["--seed", "-1"], "--seed must be in [0, 9.22337e+18], got -1"),
+        (["--threads", "0"], "--threads must be >= 1, got 0"),
     ],
 )
 def test_sample_user_errors(
@@ -139,22 +260,63 @@ def test_sample_user_errors(
 ) -> None:
     code, _, err = run(["sample", "--checkpoint", str(checkpoint), "--out",
                         str(tmp_path / "x.png"), *argv], capsys)
-    assert_user_error(code, err, message)
+    assert_one_line_error(code, err, message)
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--lr", "nan"], "--lr must be a finite number"),
+        (["--lr", "0"], "--lr must be > 0, got 0"),
+        (["--noise-std", "inf"], "--noise-std must be a finite number"),
+        (["--noise-std", "-0.1"], "--noise-std must be >= 0"),
+        (["--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--epochs", "nan"], "--epochs must be a finite number"),
+        (["--steps", "0"], "--steps must be >= 1, got 0"),
+        (["--width", "-64"], "--width must be >= 1"),
+    ],
+)
+def test_train_refuses_bad_numbers(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(["train", "--out-dir", str(tmp_path / "run"), "--quiet", *argv],
+                       capsys)
+    assert_one_line_error(code, err, message)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--num-samples", "0"], "--num-samples must be >= 1"),
+        (["--shard-size", "-2"], "--shard-size must be >= 1"),
+        (["--guidance", "nan"], "--guidance must be a finite number"),
+    ],
+)
+def test_generate_refuses_bad_numbers(
+    argv: list[str], message: str, checkpoint: Path, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, _, err = run(["generate", "--checkpoint", str(checkpoint), "--out-dir",
+                        str(tmp_path / "gen"), "--quiet", *argv], capsys)
+    assert_one_line_error(code, err, message)
+    assert not (tmp_path / "gen").exists()
 
 
 def test_missing_and_corrupt_checkpoint(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code, _, err = run(["sample", "--checkpoint", str(tmp_path / "none.pt")], capsys)
-    assert_user_error(code, err, f"no checkpoint at {tmp_path / 'none.pt'}")
+    assert_one_line_error(code, err, f"no checkpoint at {tmp_path / 'none.pt'}")
     bad = tmp_path / "bad.pt"
     bad.write_bytes(np.random.default_rng(0).integers(0, 256, 999, dtype=np.uint8).tobytes())
+    # (The wording of the reason belongs to fixedpoint.tarflow.checkpoint.)
     code, _, err = run(["metrics", "--checkpoint", str(bad)], capsys)
-    assert_user_error(code, err, "not a readable checkpoint")
+    assert_one_line_error(code, err, f"fixedpoint: error: {bad}: not a ")
     # train refuses to resume from (and overwrite) a corrupt checkpoint.
     code, _, err = run(["train", "--steps", "1", "--checkpoint", str(bad), *TINY], capsys)
-    assert_user_error(code, err, "not a readable checkpoint")
+    assert_one_line_error(code, err, f"fixedpoint: error: {bad}: not a ")
 
 
 def test_default_checkpoint_hint(
@@ -162,24 +324,22 @@ def test_default_checkpoint_hint(
 ) -> None:
     monkeypatch.chdir(tmp_path)  # no .cache/runs here
     code, _, err = run(["sample", "--dataset", "digits"], capsys)
-    assert_user_error(code, err, "train one with `fixedpoint train --dataset digits`")
+    assert_one_line_error(code, err, "train one with `fixedpoint train --dataset digits`")
 
 
 def test_train_user_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = ["--out-dir", str(tmp_path / "run")]
     code, _, err = run(["train", "--preset", "mnist-p4", "--data-dir", str(tmp_path / "no"),
                         *out, *TINY], capsys)
-    assert_user_error(code, err, "MNIST directory does not exist")
+    assert_one_line_error(code, err, "MNIST directory does not exist")
     code, _, err = run(["train", "--dtype", "bfloat16", *out], capsys)
-    assert_user_error(code, err, "training runs in float32")
+    assert_one_line_error(code, err, "training runs in float32")
     code, _, err = run(["train", "--preset", "digits", "--dataset", "mnist", *out], capsys)
-    assert_user_error(code, err, "preset digits trains on digits, not mnist")
+    assert_one_line_error(code, err, "preset digits trains on digits, not mnist")
     code, _, err = run(["train", "--preset", "cifar", *out], capsys)
-    assert_user_error(code, err, "unknown preset 'cifar'")
+    assert_one_line_error(code, err, "unknown preset 'cifar'")
     code, _, err = run(["train", "--width", "100", *out], capsys)
-    assert_user_error(code, err, "not divisible by head_dim")
-    code, _, err = run(["train", "--steps", "0", *out, *TINY], capsys)
-    assert_user_error(code, err, "steps must be >= 1")
+    assert_one_line_error(code, err, "not divisible by head_dim")
 
 
 def test_custom_sizes_get_their_own_run_dir(
@@ -189,7 +349,7 @@ def test_custom_sizes_get_their_own_run_dir(
 
     def fake_train(model_cfg, train_cfg, progress=True):  # type: ignore[no-untyped-def]
         captured["cfg"] = train_cfg
-        raise KeyboardInterrupt("stopped")
+        raise KeyboardInterrupt
 
     monkeypatch.setattr("fixedpoint.tarflow.train.train", fake_train)
     assert main(["train", "--quiet"]) == 130
@@ -200,29 +360,97 @@ def test_custom_sizes_get_their_own_run_dir(
     assert captured["cfg"].out_dir == ".cache/runs/digits"
 
 
-def test_demo_forwards_arguments(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+def test_ctrl_c_says_interrupted_and_whether_rerunning_resumes(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    seen = {}
-    fake = types.ModuleType("fixedpoint.demo")
-    fake.main = lambda argv: seen.update(argv=argv)  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "fixedpoint.demo", fake)
-    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: object())
-    assert main(["demo", "--length", "8", "--seed", "3"]) == 0
-    assert seen["argv"] == ["--length", "8", "--seed", "3"]
+    def interrupted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: None)
-    assert main(["demo"]) == 1
-    assert "not available" in capsys.readouterr().err
+    monkeypatch.setattr("fixedpoint.tarflow.generate.generate", interrupted)
+    monkeypatch.setattr("fixedpoint.tarflow.train.train", interrupted)
+    monkeypatch.setattr("fixedpoint.tarflow.reverse", interrupted)
+    code, _, err = run(["generate", "--checkpoint", str(checkpoint), "--out-dir",
+                        str(tmp_path), "--quiet"], capsys)
+    assert code == 130
+    assert err == ("fixedpoint: interrupted; rerunning the same command resumes where it "
+                   "stopped (finished shards are kept)\n")
+    code, _, err = run(["train", "--out-dir", str(tmp_path / "t"), "--quiet"], capsys)
+    assert code == 130
+    assert err == ("fixedpoint: interrupted; rerunning the same command resumes where it "
+                   "stopped (from the last checkpoint)\n")
+    # sample keeps nothing: no resume promise.
+    code, _, err = run(["sample", "--checkpoint", str(checkpoint), "--out",
+                        str(tmp_path / "s.png")], capsys)
+    assert (code, err) == (130, "fixedpoint: interrupted\n")
 
 
-def test_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as info:
-        main(["--help"])
-    assert info.value.code == 0
-    out = capsys.readouterr().out
-    for command in ("train", "sample", "metrics", "demo"):
-        assert command in out
+def _blow_up(checkpoint: Path, out: Path, block: int) -> Path:
+    """A copy of the checkpoint whose block ``block`` has exp(a) = inf at every position."""
+    model = load_checkpoint(checkpoint).build_model()
+    with torch.no_grad():
+        model.blocks[block].proj_out.bias.fill_(1e4)
+    save_checkpoint(out, model)
+    return out
+
+
+@pytest.mark.parametrize("strategy", ["sequential", "jacobi"])
+def test_failed_solve_exits_1_with_one_line_and_no_png(
+    strategy: str, checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = _blow_up(checkpoint, tmp_path / "broken.pt", block=1)
+    png = tmp_path / "s.png"
+    code, out, err = run(["sample", "--checkpoint", str(broken), "--batch", "2",
+                          "--strategy", strategy, "--out", str(png)], capsys)
+    assert_one_line_error(code, err, "block 1", status=1)
+    assert "sampling failed" in err.lower() or "non-finite" in err.lower()
+    assert not png.exists()
+    assert "wrote" not in out
+
+
+def _published(tmp_path: Path, channels: int) -> Path:
+    torch.manual_seed(0)
+    config = TarFlowConfig(image_size=8, channels=channels, patch_size=2, width=64,
+                           blocks=2, layers=1, head_dim=32, num_classes=0)
+    path = tmp_path / f"published-{channels}.pth"
+    torch.save(TarFlow(config).state_dict(), path)  # the published layout
+    return path
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_convert_infers_the_channel_count(
+    channels: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "converted.pt"
+    code, stdout, err = run(["convert", str(_published(tmp_path, channels)), "--out",
+                             str(out), "--head-dim", "32", "--noise-std", "0.1"], capsys)
+    assert code == 0, err
+    assert f"image 8x8x{channels}" in stdout
+    assert load_checkpoint(out).model_config.channels == channels
+    # A wrong explicit --channels is still refused with the model's reason.
+    code, _, err = run(["convert", str(_published(tmp_path, channels)), "--out", str(out),
+                        "--head-dim", "32", "--noise-std", "0.1", "--channels",
+                        str(4 - channels)], capsys)
+    assert_one_line_error(code, err, "is not channels * patch^2")
+
+
+def test_convert_refuses_nan_weights_and_strips_a_module_prefix(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = torch.load(_published(tmp_path, 1), weights_only=True)
+    wrapped = tmp_path / "ddp.pth"
+    torch.save({f"module.{k}": v for k, v in state.items()}, wrapped)
+    out = tmp_path / "converted.pt"
+    code, _, err = run(["convert", str(wrapped), "--out", str(out), "--head-dim", "32",
+                        "--noise-std", "0.1"], capsys)
+    assert code == 0, err
+    state["blocks.1.proj_in.weight"][0, 0] = float("nan")
+    poisoned = tmp_path / "nan.pth"
+    torch.save(state, poisoned)
+    code, _, err = run(["convert", str(poisoned), "--out", str(tmp_path / "n.pt"),
+                        "--head-dim", "32", "--noise-std", "0.1"], capsys)
+    assert_one_line_error(code, err, "non-finite weights in blocks.1.proj_in.weight")
+    assert not (tmp_path / "n.pt").exists()
 
 
 def test_python_dash_m(tmp_path: Path) -> None:
@@ -232,15 +460,16 @@ def test_python_dash_m(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "fixedpoint", "sample", "--checkpoint",
                            str(missing)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
-    assert proc.stderr == f"fixedpoint sample: error: no checkpoint at {missing}\n"
+    assert proc.stderr == f"fixedpoint: error: no checkpoint at {missing}\n"
     assert proc.stdout == ""
+
+
+# -------------------------------------------------------------------------- studies
 
 
 def test_reproduce_refuses_unknown_study_and_lists_names(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    import importlib
-
     reproduce = importlib.import_module("studies.reproduce")
     names = [name for name, _, _ in reproduce.STUDIES]
     with pytest.raises(SystemExit):
