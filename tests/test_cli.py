@@ -482,3 +482,31 @@ def test_reproduce_refuses_unknown_study_and_lists_names(
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "invalid choice: 'bogus'" in err and all(repr(n) in err for n in names)
+
+
+# ------------------------------------------------------------------------ packaging
+
+
+def test_pyproject_names_only_files_that_exist() -> None:
+    import re
+
+    text = (REPO / "pyproject.toml").read_text()
+    named = set(re.findall(r"[\w./-]+/[\w.-]+\.(?:py|sh|txt|md)\b", text))
+    assert named, "expected the comment to point at the files that use the torch APIs"
+    missing = sorted(p for p in named if not (REPO / p).exists()
+                     and not (REPO / "fixedpoint" / p).exists())
+    assert not missing, missing
+
+
+def test_torch_bound_admits_the_apis_the_code_calls() -> None:
+    import re
+
+    bound = re.search(r'^\s*"torch>=(\d+)\.(\d+)",', (REPO / "pyproject.toml").read_text(),
+                      re.MULTILINE)
+    assert bound is not None
+    # torch.get_autocast_dtype / is_autocast_enabled(device_type) arrived in 2.4.
+    assert (int(bound[1]), int(bound[2])) >= (2, 4)
+    installed = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+    assert installed >= (int(bound[1]), int(bound[2]))
+    assert torch.get_autocast_dtype("cpu") in (torch.bfloat16, torch.float16)
+    assert torch.is_autocast_enabled("cpu") is False
