@@ -37,8 +37,10 @@ BASELINES = ("dense", "sparse", "loop")
 
 
 def register(subparsers: Any) -> None:
-    group = subparsers.add_parser("finc", help="FInC Flow: invertible k x k convolutions",
-                                  description=__doc__.splitlines()[0])
+    group = subparsers.add_parser(
+        "finc", help="FInC Flow: invertible k x k convolutions",
+        description="FInC Flow: train, sample and generate; every FInC unit is inverted by "
+                    "a core method or a library baseline.")
     sub = group.add_subparsers(dest="finc_command", required=True, metavar="COMMAND")
 
     train = sub.add_parser("train", help="train a FInC Flow and report test bits/dim")
