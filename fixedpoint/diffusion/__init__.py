@@ -9,10 +9,12 @@ are whole images, solved by the same core as every other application.
 * :mod:`.mixture`: Gaussian-mixture targets with an exact noise prediction (no training);
 * :mod:`.chain`: DDIM, DDPM, Euler and Heun steps, batched over rows at any steps;
 * :mod:`.maps`: a chain as an incremental triangular map, Markov and Picard forms;
-* :mod:`.sampling`: the sequential loop, the solver route, diffusers' loop for parity.
+* :mod:`.sampling`: the sequential loop, the solver route, diffusers' loop for parity;
+* :mod:`.train`: DDPM training with exact resume; :mod:`.diagnostics`: the wavefront.
 """
 
 from .chain import Chain, DDIMChain, DDPMChain, EulerChain, HeunChain
+from .diagnostics import RecordingMap, error_by_step, network_call_seconds
 from .maps import ChainMap, MarkovMap, PicardMap
 from .mixture import GaussianMixture, MixtureDenoiser
 from .model import DiffusionModel, ModelError, UNetConfig, UNetDenoiser, load_model, tiny_model
@@ -40,13 +42,16 @@ __all__ = [
     "ModelError",
     "NoiseSchedule",
     "PicardMap",
+    "RecordingMap",
     "ScheduleError",
     "UNetConfig",
     "UNetDenoiser",
     "block_picard",
     "diffusers_ddpm_noise",
     "diffusers_loop",
+    "error_by_step",
     "load_model",
+    "network_call_seconds",
     "paradigms_tolerance",
     "sample_loop",
     "solve_chain",

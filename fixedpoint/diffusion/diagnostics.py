@@ -34,6 +34,17 @@ class RecordingMap(IncrementalMap):
     def __call__(self, x: Tensor) -> Tensor:
         return self.inner(x)
 
+    # What solve_chain needs of a chain map, forwarded.
+    def initial_guess(self) -> Tensor:
+        return self.inner.initial_guess()
+
+    def final(self, x: Tensor) -> Tensor:
+        return self.inner.final(x)
+
+    @property
+    def count(self) -> Any:
+        return self.inner.count
+
     def init_state(self, x: Tensor) -> Any:
         self.iterates = []
         return self.inner.init_state(x)
