@@ -17,7 +17,7 @@ import torch
 
 import fixedpoint as fp
 from fixedpoint.benchmark import compare, markdown, scipy_anderson_row
-from fixedpoint.systems import AffineAutoregressive, AttentionAutoregressive, MarkovSystem
+from fixedpoint.testing.systems import AffineAutoregressive, AttentionAutoregressive, MarkovSystem
 
 
 def methods(length: int) -> list[fp.Method]:

@@ -24,7 +24,7 @@ from fixedpoint.levels_probe import (
     levels_from_dependencies,
 )
 from fixedpoint.methods.levels import LevelSchedule
-from fixedpoint.systems import LinearSystem, MarkovSystem, NonCausalSystem, PoisonedSystem
+from fixedpoint.testing.systems import LinearSystem, MarkovSystem, NonCausalSystem, PoisonedSystem
 
 F64 = torch.float64
 

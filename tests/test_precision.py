@@ -14,10 +14,10 @@ import torch
 from test_tarflow_sampling import make_model
 
 import fixedpoint as fp
-from fixedpoint import systems
 from fixedpoint.precision import NOISE_FLOOR_ULPS, compute_dtype
 from fixedpoint.tarflow import Strategy, TarFlow
 from fixedpoint.tarflow.sampling import reverse
+from fixedpoint.testing import systems
 
 BF16_FLOOR = 4 * 2.0**-7  # 0.03125
 

@@ -3,7 +3,7 @@
 import torch
 
 import fixedpoint as fp
-from fixedpoint import systems
+from fixedpoint.testing import systems
 
 
 def shift_with_one(x: torch.Tensor) -> torch.Tensor:

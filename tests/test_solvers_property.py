@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import fixedpoint as fp
 from fixedpoint import testing as fpt
-from fixedpoint.systems import AttentionAutoregressive, LinearSystem
+from fixedpoint.testing.systems import AttentionAutoregressive, LinearSystem
 
 F64 = torch.float64
 EXAMPLES = settings.default.max_examples

@@ -1,4 +1,4 @@
-"""The synthetic systems of fixedpoint.systems: oracles, causality, determinism, caches."""
+"""The synthetic systems of fixedpoint.testing.systems: oracles, causality, determinism, caches."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fixedpoint as fp
-from fixedpoint.systems import (
+from fixedpoint.testing.systems import (
+    RANDOM_SYSTEMS,
+    SYSTEM_KINDS,
     AffineAutoregressive,
     AttentionAutoregressive,
     LinearSystem,
@@ -19,7 +21,6 @@ from fixedpoint.systems import (
     PoisonedSystem,
     forward_substitution,
 )
-from fixedpoint.testing import SYSTEM_KINDS, make_system
 
 F64 = torch.float64
 EXAMPLES = settings.default.max_examples
@@ -37,7 +38,7 @@ def bump_causal_to_the_bit(F, x):
 @pytest.mark.parametrize("kind", SYSTEM_KINDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_solution_is_the_fixed_point(kind, dtype):
-    s = make_system(kind, 3, 17, 4, toughness=1.0, seed=5, dtype=dtype)
+    s = RANDOM_SYSTEMS[kind](3, 17, 4, toughness=1.0, seed=5, dtype=dtype)
     sol = s.solution()
     assert sol.shape == (3, 17, 4) and sol.dtype == dtype
     assert torch.isfinite(sol).all()
@@ -50,7 +51,7 @@ def test_solution_is_the_fixed_point(kind, dtype):
 
 @pytest.mark.parametrize("kind", SYSTEM_KINDS)
 def test_solution_is_cached_but_returned_as_a_copy(kind):
-    s = make_system(kind, 2, 6, 2, seed=1)
+    s = RANDOM_SYSTEMS[kind](2, 6, 2, seed=1)
     a = s.solution()
     a += 1.0
     assert not torch.equal(a, s.solution())
@@ -58,7 +59,7 @@ def test_solution_is_cached_but_returned_as_a_copy(kind):
 
 @pytest.mark.parametrize("kind", SYSTEM_KINDS)
 def test_maps_are_causal_to_the_bit(kind):
-    s = make_system(kind, 2, 12, 3, toughness=1.0, seed=2)
+    s = RANDOM_SYSTEMS[kind](2, 12, 3, toughness=1.0, seed=2)
     x = s.noise_guess(scale=2.0, seed=7)
     bump_causal_to_the_bit(s, x)
     fp.check_causal(s, x)
@@ -66,9 +67,9 @@ def test_maps_are_causal_to_the_bit(kind):
 
 @pytest.mark.parametrize("kind", SYSTEM_KINDS)
 def test_deterministic_given_seed(kind):
-    a = make_system(kind, 2, 9, 3, seed=11)
-    b = make_system(kind, 2, 9, 3, seed=11)
-    c = make_system(kind, 2, 9, 3, seed=12)
+    a = RANDOM_SYSTEMS[kind](2, 9, 3, seed=11)
+    b = RANDOM_SYSTEMS[kind](2, 9, 3, seed=11)
+    c = RANDOM_SYSTEMS[kind](2, 9, 3, seed=12)
     x = a.noise_guess(seed=3)
     assert torch.equal(a(x), b(x))
     assert torch.equal(a.solution(), b.solution())
@@ -78,29 +79,57 @@ def test_deterministic_given_seed(kind):
 
 @pytest.mark.parametrize("kind", SYSTEM_KINDS)
 def test_float32_is_the_same_problem(kind):
-    s64 = make_system(kind, 2, 20, 3, seed=4, dtype=torch.float64)
-    s32 = make_system(kind, 2, 20, 3, seed=4, dtype=torch.float32)
+    s64 = RANDOM_SYSTEMS[kind](2, 20, 3, seed=4, dtype=torch.float64)
+    s32 = RANDOM_SYSTEMS[kind](2, 20, 3, seed=4, dtype=torch.float32)
     err = (s32.solution().double() - s64.solution()).abs() / s64.solution().abs().clamp(min=1)
     assert float(err.max()) < 1e-4
 
 
 @pytest.mark.parametrize("kind", SYSTEM_KINDS)
-def test_select_is_batch_independent_to_the_bit(kind):
-    s = make_system(kind, 4, 10, 3, seed=8)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_select_is_batch_independent_to_the_bit(kind, dtype):
+    """A sample gets the same bits alone and in any batch of 1..8 (the products keep the
+    batch dimension out of the kernel's shape; a folded ``(B*T, k) @ (k, m)`` does not)."""
+    s = RANDOM_SYSTEMS[kind](8, 17, 16 if kind != "linear" else 5, seed=8, dtype=dtype)
     x = s.noise_guess(seed=1)
-    y = s(x)
-    for b in range(4):
-        one = s.select(b)
-        assert one.batch == 1
-        assert torch.equal(one(x[b : b + 1]), y[b : b + 1])
-        assert torch.equal(one.solution(), s.solution()[b : b + 1])
+    alone = [s.select(b) for b in range(8)]
+    ref = [one(x[b : b + 1]) for b, one in enumerate(alone)]
+    for B in range(1, 9):
+        sub = s.select(list(range(B)))
+        y = sub(x[:B])
+        for b in range(B):
+            assert torch.equal(y[b : b + 1], ref[b]), (B, b)
+    for b in range(8):
+        assert alone[b].batch == 1
+        assert torch.equal(alone[b].solution(), s.solution()[b : b + 1])
     pair = s.select([3, 1])
-    assert torch.equal(pair(x[[3, 1]]), y[[3, 1]])
+    assert torch.equal(pair(x[[3, 1]]), s(x)[[3, 1]])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_attention_windows_are_batch_independent_to_the_bit(dtype):
+    """The incremental path too: the same window gives a sample the same bits alone and
+    in any batch of 1..8."""
+    s = AttentionAutoregressive.random(8, 17, 16, seed=2, dtype=dtype)
+    x = s.noise_guess(seed=3)
+
+    def window(system, x, lo, hi):
+        state = system.init_state(x)
+        if lo:
+            system.advance(state, x, 0, lo)
+        return system.advance(state, x, lo, hi)
+
+    for lo, hi in ((0, 17), (5, 17), (1, 6)):
+        ref = [window(s.select(b), x[b : b + 1], lo, hi) for b in range(8)]
+        for B in range(1, 9):
+            y = window(s.select(list(range(B))), x[:B], lo, hi)
+            for b in range(B):
+                assert torch.equal(y[b : b + 1], ref[b]), (lo, hi, B, b)
 
 
 @pytest.mark.parametrize("kind", SYSTEM_KINDS)
 def test_prefix_evaluation_matches_full(kind):
-    s = make_system(kind, 2, 10, 3, seed=8)
+    s = RANDOM_SYSTEMS[kind](2, 10, 3, seed=8)
     x = s.noise_guess(seed=1)
     y = s(x)
     for t in (1, 4, 10):
@@ -109,7 +138,7 @@ def test_prefix_evaluation_matches_full(kind):
 
 @pytest.mark.parametrize("kind", SYSTEM_KINDS)
 def test_input_validation(kind):
-    s = make_system(kind, 2, 5, 3)
+    s = RANDOM_SYSTEMS[kind](2, 5, 3)
     with pytest.raises(ValueError):
         s(torch.zeros(2, 5, dtype=F64))
     with pytest.raises(ValueError):
@@ -294,21 +323,24 @@ def test_poisoned_system(value):
         PoisonedSystem(base, value=1.0)
 
 
-@pytest.mark.parametrize("kind", ["diagonal", "future"])
+@pytest.mark.parametrize("lookahead", [0, 1])
 @pytest.mark.parametrize("position", [0, 3, 6])
-def test_non_causal_system_is_detected_at_its_position(kind, position):
+def test_non_causal_system_is_detected_at_its_position(lookahead, position):
     base = MarkovSystem.random(2, 8, 2, seed=0)
-    s = NonCausalSystem(base, position=position, kind=kind)
+    s = NonCausalSystem(base, position=position, lookahead=lookahead)
     with pytest.raises(fp.NonCausalError) as info:
         fp.check_causal(s, s.noise_guess())
     assert info.value.position == position
+    assert info.value.source == position + lookahead
     with pytest.raises(ValueError):
         s.solution()
 
 
 def test_non_causal_system_validation():
     base = MarkovSystem.random(1, 4, 1)
-    with pytest.raises(ValueError):
-        NonCausalSystem(base, position=3, kind="future")
-    with pytest.raises(ValueError):
-        NonCausalSystem(base, kind="sideways")
+    with pytest.raises(ValueError, match="position"):
+        NonCausalSystem(base, position=3, lookahead=1)
+    with pytest.raises(ValueError, match="lookahead"):
+        NonCausalSystem(base, lookahead=-1)
+    with pytest.raises(ValueError, match="lookahead"):
+        NonCausalSystem(base, lookahead="future")

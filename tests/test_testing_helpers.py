@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import fixedpoint as fp
 from fixedpoint import testing as fpt
-from fixedpoint.systems import (
+from fixedpoint.testing.systems import (
     AttentionAutoregressive,
     MarkovSystem,
     NonCausalSystem,
@@ -55,9 +55,18 @@ def test_linear_systems_stay_small_enough(system):
     assert system.length * system.dim <= fpt.LINEAR_MAX_SIZE
 
 
-def test_systems_strategy_rejects_unknown_kinds():
-    with pytest.raises(ValueError, match="kind"):
-        fpt.make_system("quadratic", 1, 2, 1)
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        lambda: fpt.systems(kinds=("quadratic",)),
+        lambda: fpt.solver_cases(method_kinds=("newton",)),
+        lambda: fpt.initial_guesses(MarkovSystem.random(1, 3, 1), kinds=("lucky",)),
+    ],
+    ids=["system", "method", "guess"],
+)
+def test_strategies_reject_unknown_kinds(strategy):
+    with pytest.raises(ValueError, match="unknown .* kinds"):
+        one(strategy())
 
 
 @settings(max_examples=EXAMPLES)
@@ -191,7 +200,7 @@ def test_assert_finite_termination():
 
 
 def test_assert_finite_termination_catches_a_map_that_is_not_causal():
-    system = NonCausalSystem(small_system(), position=4, kind="future", weight=0.1)
+    system = NonCausalSystem(small_system(), position=4, lookahead=1, weight=0.1)
     with pytest.raises(AssertionError):
         fpt.assert_finite_termination(system, system.noise_guess())
 
