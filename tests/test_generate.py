@@ -19,14 +19,15 @@ from test_tarflow_sampling import make_model
 import fixedpoint as fp
 from fixedpoint import distributed
 from fixedpoint.cli import main
+from fixedpoint.data import load_dataset
 from fixedpoint.quality import QualityMeter, feature_statistics
 from fixedpoint.tarflow import Strategy, reverse
 from fixedpoint.tarflow import generate as gen
 from fixedpoint.tarflow.checkpoint import load_model, save_checkpoint
-from fixedpoint.data import load_dataset
 from fixedpoint.tarflow.generate import (
     GenerationError,
     GenerationSpec,
+    RunMismatchError,
     generate,
     load_samples,
     rank_shards,
@@ -182,9 +183,18 @@ def test_output_directory_of_another_run_is_refused(model, tmp_path):
     generate(model, SPEC, tmp_path)
     other = GenerationSpec(num_samples=10, shard_size=4, seed=3, guidance=2.0,
                            labels=tuple(range(10)))
-    with pytest.raises(GenerationError, match="different run .*spec"):
+    with pytest.raises(RunMismatchError) as info:
         generate(model, other, tmp_path)
-    with pytest.raises(GenerationError, match="strategy"):
+    # The setting that differs is named, with both values; a user error (ValueError).
+    assert isinstance(info.value, ValueError) and "\n" not in str(info.value)
+    assert "different run (spec.guidance: 1.0 there, 2.0 now); choose another" in str(
+        info.value)
+    twice = GenerationSpec(num_samples=10, shard_size=4, seed=4, guidance=2.0,
+                           labels=tuple(range(10)))
+    with pytest.raises(RunMismatchError, match=r"\(spec\.guidance: 1\.0 there, 2\.0 now; "
+                       r"spec\.seed: 3 there, 4 now\)"):
+        generate(model, twice, tmp_path)
+    with pytest.raises(RunMismatchError, match=r"\(strategy: .*Sequential.* there, .*Jacobi"):
         generate(model, SPEC, tmp_path, strategy=jacobi(model))
     (tmp_path / "run.json").write_text("{broken")
     with pytest.raises(GenerationError, match="unreadable run manifest"):

@@ -282,3 +282,30 @@ def test_from_published_state_dict_errors():
         TarFlow.from_published_state_dict(bad, channels=1, head_dim=32)
     with pytest.raises(ValueError, match="channels"):
         TarFlow.from_published_state_dict(sd, channels=3, head_dim=32)
+
+
+def test_from_published_state_dict_refuses_non_finite_weights():
+    model = make_model()
+    sd = dict(model.state_dict())
+    weight = sd["blocks.1.proj_in.weight"].clone()
+    weight[0, :3] = float("nan")
+    with pytest.raises(ValueError) as info:
+        TarFlow.from_published_state_dict({**sd, "blocks.1.proj_in.weight": weight},
+                                          channels=1, head_dim=32)
+    assert str(info.value) == (
+        "non-finite weights (NaN or inf) in 1 tensor(s): blocks.1.proj_in.weight (3); the "
+        "checkpoint is damaged or came from a diverged run")
+    sd["var"] = sd["var"].clone().fill_(float("inf"))
+    with pytest.raises(ValueError, match=r"in 1 tensor\(s\): var \(64\)"):
+        TarFlow.from_published_state_dict(sd, channels=1, head_dim=32)
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod."])
+def test_from_published_state_dict_hints_at_a_wrapper_prefix(prefix):
+    sd = {prefix + k: v for k, v in make_model().state_dict().items()}
+    with pytest.raises(ValueError, match=f"every key starts with '{prefix}'.*strip it") as info:
+        TarFlow.from_published_state_dict(sd, channels=1, head_dim=32)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ValueError) as info:  # an ordinary stray key gets no such hint
+        TarFlow.from_published_state_dict({"blocks.0.extra": torch.zeros(1)}, channels=1)
+    assert "starts with" not in str(info.value)

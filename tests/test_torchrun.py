@@ -22,7 +22,6 @@ import pytest
 import torch
 from test_tarflow_sampling import make_model
 
-from fixedpoint.cli import main
 from fixedpoint.tarflow.checkpoint import save_checkpoint
 from fixedpoint.tarflow.generate import load_samples
 
@@ -53,11 +52,17 @@ def work(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def single(work) -> dict:
-    """The reference: one plain process (no torchrun), in this interpreter."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(work)  # the classifier cache of --metrics is relative to the cwd
-        assert main([*ARGS, "--checkpoint", "model.pt", "--out-dir", "single",
-                     "--metrics"]) == 0
+    """The reference: one plain process (no torchrun) in the workers' environment.
+
+    ``OMP_NUM_THREADS=1`` as torchrun sets it: ``--threads`` sets torch's threads, but the
+    Fréchet distance's matrix square root runs in SciPy's BLAS, whose thread count it does
+    not reach (with two BLAS threads the distance differs in the last bit).
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "fixedpoint", *ARGS, "--checkpoint", "model.pt",
+           "--out-dir", "single", "--metrics"]
+    proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((work / "single" / "report.json").read_text())
     return {"report": report, "samples": load_samples(work / "single" / "samples.pt")}
 

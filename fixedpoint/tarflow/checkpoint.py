@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import platform
 import random
+import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,11 +184,20 @@ def save_checkpoint(
 
 def _first_line(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    # torch's weights-only refusal is a long advisory; the informative line is this one.
-    for line in lines:
-        if line.startswith("WeightsUnpickler error:"):
-            return line
     return lines[0] if lines else type(exc).__name__
+
+
+_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+def _load_reason(exc: BaseException) -> str:
+    """A short reason for a failed ``torch.load``, without torch's advice."""
+    found = _UNSAFE_GLOBAL.search(str(exc))
+    if found:
+        return f": it holds a pickled {found.group(1)} object, which is never loaded"
+    if isinstance(exc, (RuntimeError, zipfile.BadZipFile)) and "zip archive" in str(exc):
+        return ": damaged or truncated archive"
+    return ""
 
 
 def _names(keys: list[str], limit: int = 6) -> str:
@@ -230,18 +240,11 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
         raise CheckpointError(f"{path}: not a file")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
-        # torch reports a truncated zip as RuntimeError ("failed finding central
-        # directory"), a non-zip file as UnpicklingError (a subclass of Exception whose
-        # message suggests weights_only=False, which is not the fix here).
+    except Exception as exc:  # truncated zip, random bytes, pickled objects, ...
+        # torch's messages advise weights_only=False, which is not the fix: say what
+        # the file is instead.
         raise CheckpointError(
-            f"{path}: not a readable checkpoint (truncated, corrupt or not a fixedpoint "
-            f"checkpoint): {_first_line(exc)}"
-        ) from None
-    except Exception as exc:  # pickle.UnpicklingError and friends
-        raise CheckpointError(
-            f"{path}: not a readable checkpoint (truncated, corrupt or not a fixedpoint "
-            f"checkpoint): {type(exc).__name__}: {_first_line(exc)}"
+            f"{path}: not a fixedpoint checkpoint (or corrupted){_load_reason(exc)}"
         ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a fixedpoint TarFlow checkpoint")

@@ -56,6 +56,7 @@ from .strategy import Strategy
 
 __all__ = [
     "GenerationError",
+    "RunMismatchError",
     "GenerationReport",
     "GenerationSpec",
     "ShardFailure",
@@ -73,7 +74,12 @@ FORMAT_VERSION = 1
 
 
 class GenerationError(RuntimeError):
-    """A sharded run failed on some rank, or its output directory belongs to another run."""
+    """A sharded run failed on some rank, or its output directory is unusable."""
+
+
+class RunMismatchError(ValueError):
+    """The output directory holds shards of a run with other settings (a user error: the
+    message names the settings that differ)."""
 
 
 @dataclass(frozen=True)
@@ -276,11 +282,25 @@ def _check_manifest(path: Path, settings: dict[str, Any]) -> None:
         raise GenerationError(f"{path}: unreadable run manifest ({exc}); remove it or "
                               "choose another output directory") from None
     if stored != settings:
-        keys = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))
-        raise GenerationError(
-            f"{path.parent} holds shards of a different run (differs in: {', '.join(keys)}); "
+        raise RunMismatchError(
+            f"{path.parent} holds shards of a different run ({_differences(stored, settings)}); "
             "choose another output directory or delete it"
         )
+
+
+def _differences(stored: Any, current: Any, name: str = "") -> str:
+    """``spec.guidance: 1.0 there, 2.0 now; ...`` for the settings that differ."""
+    if isinstance(stored, dict) and isinstance(current, dict):
+        keys = sorted(set(stored) | set(current))
+        parts = [_differences(stored.get(k), current.get(k), f"{name}.{k}" if name else k)
+                 for k in keys if stored.get(k) != current.get(k)]
+        return "; ".join(parts)
+    return f"{name}: {_short(stored)} there, {_short(current)} now"
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # ---------------------------------------------------------------------------- shards
@@ -468,33 +488,17 @@ def generate(
         merge: the main rank concatenates all shards into ``samples.pt``.
 
     Returns the same :class:`GenerationReport` on every rank.  Raises
-    :class:`GenerationError` on every rank if any rank failed.
+    :class:`GenerationError` on every rank if any rank failed, and
+    :class:`RunMismatchError` (a ``ValueError``) if ``out_dir`` holds shards of a run with
+    other settings.
     """
     ctx = context or Context()
     strategy = strategy or Strategy.uniform(fp.Sequential(), model.config.blocks)
-    if spec.labels is not None:
-        k = model.config.num_classes
-        bad = [v for v in spec.labels if not -1 <= v < max(k, 0)]
-        if k == 0 or bad:
-            raise ValueError(f"labels {list(spec.labels)} do not fit a model with "
-                             f"{k} classes (use None for unconditional sampling)")
+    _check_labels(model, spec)
     out = Path(out_dir)
     settings = run_settings(model, strategy, spec, ctx.device, autocast_dtype, checkpoint)
     fingerprint = _fingerprint(settings)
-    manifest = out / "run.json"
-    refusal = None
-    if ctx.is_main:
-        try:
-            _check_manifest(manifest, settings)
-            out.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(manifest, json.dumps({"fingerprint": fingerprint,
-                                                     "settings": settings}, indent=1).encode())
-        except (GenerationError, OSError) as exc:
-            refusal = str(exc)
-    # Every rank learns the main rank's verdict before touching shards (and none hangs).
-    refusal = ctx.gather(refusal)[0]
-    if refusal is not None:
-        raise GenerationError(refusal)
+    _claim_output(ctx, out, settings, fingerprint)
 
     def precision() -> AbstractContextManager[Any]:
         if autocast_dtype is None:
@@ -504,29 +508,77 @@ def generate(
     ranges = shard_ranges(spec.num_samples, spec.shard_size)
     reports = ctx.gather(_work_through(model, strategy, spec, ranges, out, fingerprint, ctx,
                                        meter, precision, progress))
-    failures = [r["failure"] for r in reports if r["failure"] is not None]
-    if failures:
-        done = sum(len(r["sampled"]) + len(r["skipped"]) for r in reports)
-        raise GenerationError(
-            "; ".join(f.describe() for f in failures)
-            + f". {done} of {len(ranges)} shards are complete in {out / 'shards'}; "
-            "rerunning the same command samples only the missing ones"
-        )
-
-    fcd = accuracy = None
-    if meter is not None:
-        merged = {k: s for r in reports for k, s in r["sums"].items()}
-        fcd, accuracy = _quality(meter, [merged[k] for k in range(len(ranges))])
-    rank_seconds = [float(r["seconds"]) for r in reports]
-    slowest = int(np.argmax(rank_seconds))
+    _raise_failures(reports, len(ranges), out)
     samples_path = None
     if merge:
         samples_path = str(out / "samples.pt")
         if ctx.is_main:
             _merge(out, len(ranges), fingerprint, Path(samples_path))
-    report = GenerationReport(
+    report = _report(spec, ctx, reports, len(ranges), meter, out, samples_path, fingerprint,
+                     settings)
+    if ctx.is_main:
+        atomic_write_bytes(out / "report.json",
+                           json.dumps(report.to_dict(), indent=1, default=str).encode())
+    # Nobody leaves (and tears down the group) before the main rank has merged.
+    ctx.barrier()
+    return report
+
+
+def _check_labels(model: TarFlow, spec: GenerationSpec) -> None:
+    if spec.labels is None:
+        return
+    k = model.config.num_classes
+    bad = [v for v in spec.labels if not -1 <= v < max(k, 0)]
+    if k == 0 or bad:
+        raise ValueError(f"labels {list(spec.labels)} do not fit a model with "
+                         f"{k} classes (use None for unconditional sampling)")
+
+
+def _claim_output(ctx: Context, out: Path, settings: dict[str, Any], fingerprint: str) -> None:
+    """The main rank checks (or writes) the run manifest; every rank learns its verdict
+    before touching shards, so none hangs, and raises the same error."""
+    refusal = None
+    if ctx.is_main:
+        try:
+            _check_manifest(out / "run.json", settings)
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(out / "run.json", json.dumps({"fingerprint": fingerprint,
+                                                             "settings": settings},
+                                                            indent=1).encode())
+        except RunMismatchError as exc:
+            refusal = ("mismatch", str(exc))
+        except (GenerationError, OSError) as exc:
+            refusal = ("error", str(exc))
+    refusal = ctx.gather(refusal)[0]
+    if refusal is not None:
+        kind, message = refusal
+        raise (RunMismatchError if kind == "mismatch" else GenerationError)(message)
+
+
+def _raise_failures(reports: list[dict[str, Any]], shards: int, out: Path) -> None:
+    failures = [r["failure"] for r in reports if r["failure"] is not None]
+    if failures:
+        done = sum(len(r["sampled"]) + len(r["skipped"]) for r in reports)
+        raise GenerationError(
+            "; ".join(f.describe() for f in failures)
+            + f". {done} of {shards} shards are complete in {out / 'shards'}; "
+            "rerunning the same command samples only the missing ones"
+        )
+
+
+def _report(spec: GenerationSpec, ctx: Context, reports: list[dict[str, Any]], shards: int,
+            meter: Any | None, out: Path, samples_path: str | None, fingerprint: str,
+            settings: dict[str, Any]) -> GenerationReport:
+    """Everything the ranks did, reduced (quality from the per-shard feature sums)."""
+    fcd = accuracy = None
+    if meter is not None:
+        merged = {k: s for r in reports for k, s in r["sums"].items()}
+        fcd, accuracy = _quality(meter, [merged[k] for k in range(shards)])
+    rank_seconds = [float(r["seconds"]) for r in reports]
+    slowest = int(np.argmax(rank_seconds))
+    return GenerationReport(
         num_samples=spec.num_samples, shard_size=spec.shard_size,
-        world_size=ctx.world_size, shards_total=len(ranges),
+        world_size=ctx.world_size, shards_total=shards,
         shards_sampled=sum(len(r["sampled"]) for r in reports),
         shards_skipped=sum(len(r["skipped"]) for r in reports),
         samples_sampled=sum(r["samples"] for r in reports),
@@ -537,12 +589,6 @@ def generate(
         fcd=fcd, accuracy=accuracy, out_dir=str(out), samples_path=samples_path,
         fingerprint=fingerprint, settings=settings,
     )
-    if ctx.is_main:
-        atomic_write_bytes(out / "report.json",
-                           json.dumps(report.to_dict(), indent=1, default=str).encode())
-    # Nobody leaves (and tears down the group) before the main rank has merged.
-    ctx.barrier()
-    return report
 
 
 def _merge(out: Path, shards: int, fingerprint: str, path: Path) -> None:

@@ -422,6 +422,35 @@ class TarFlow(nn.Module):
         # Prior variance per token entry: sampling draws z * sqrt(var).
         self.register_buffer("var", torch.ones(c.seq_len, c.token_dim))
 
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> TarFlow:
+        """(Re)initialise every parameter and buffer as the constructor does, drawing from
+        ``generator`` (a local stream: the global RNG is neither read nor advanced).
+
+        Linear layers get torch's default (Kaiming-uniform weights, uniform biases in
+        ``+-1/sqrt(fan_in)``), LayerNorms ones and zeros, the embeddings ``N(0, 0.01^2)``,
+        the out-projections zeros (a fresh flow is the identity), ``var`` ones.  Works on
+        a model made with ``to_empty`` (e.g. built on the meta device).  The parameters
+        must live on the generator's device.
+        """
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5), generator=generator)
+                bound = 1.0 / math.sqrt(module.in_features)
+                nn.init.uniform_(module.bias, -bound, bound, generator=generator)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        for block in self.blocks:
+            nn.init.normal_(block.pos_embed, 0.0, 0.01, generator=generator)
+            if block.class_embed is not None:
+                nn.init.normal_(block.class_embed, 0.0, 0.01, generator=generator)
+            nn.init.zeros_(block.proj_out.weight)
+            nn.init.zeros_(block.proj_out.bias)
+            block.attn_mask.copy_(torch.ones_like(block.attn_mask).tril())
+        self.var.fill_(1.0)
+        return self
+
     # ---- tokens <-> images -----------------------------------------------------------
 
     def patchify(self, img: Tensor) -> Tensor:
@@ -532,7 +561,8 @@ class TarFlow(nn.Module):
         sd = dict(state_dict)
         unexpected = sorted(k for k in sd if not _PUBLISHED_KEY.match(k))
         if unexpected:
-            raise ValueError(f"unexpected key(s) in the state dict: {_show(unexpected)}")
+            raise ValueError(f"unexpected key(s) in the state dict: {_show(unexpected)}"
+                             f"{_prefix_hint(unexpected)}")
         if config is None:
             config = _infer_config(sd, channels=channels, head_dim=head_dim, noise_std=noise_std)
         model = cls(config)
@@ -550,6 +580,7 @@ class TarFlow(nn.Module):
         ]
         if wrong:
             raise ValueError("shape mismatch: " + "; ".join(wrong[:5]))
+        _check_finite(sd)
         for k in range(config.blocks):
             mask = sd[f"blocks.{k}.attn_mask"]
             if not torch.equal(mask.float().cpu(), expected[f"blocks.{k}.attn_mask"]):
@@ -560,6 +591,26 @@ class TarFlow(nn.Module):
 
 def _show(keys: list[str]) -> str:
     return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
+
+
+def _prefix_hint(unexpected: list[str]) -> str:
+    """A hint for keys saved with a wrapper's prefix (``module.`` from DataParallel /
+    DistributedDataParallel, ``_orig_mod.`` from torch.compile)."""
+    for prefix in ("module.", "_orig_mod."):
+        if all(k.startswith(prefix) for k in unexpected):
+            return (f"; every key starts with '{prefix}' (saved from a wrapped model): "
+                    f"strip it first, {{k.removeprefix('{prefix}'): v for k, v in sd.items()}}")
+    return ""
+
+
+def _check_finite(sd: Mapping[str, Tensor]) -> None:
+    """Refuse NaN / inf weights: they would only surface later as NONFINITE samples."""
+    bad = [(k, int((~torch.isfinite(v)).sum())) for k, v in sd.items()
+           if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        shown = ", ".join(f"{k} ({n})" for k, n in bad[:4]) + (" ..." if len(bad) > 4 else "")
+        raise ValueError(f"non-finite weights (NaN or inf) in {len(bad)} tensor(s): {shown}; "
+                         "the checkpoint is damaged or came from a diverged run")
 
 
 def _infer_config(

@@ -7,10 +7,11 @@ model also learns the unconditional density used by classifier-free guidance; Ad
 betas (0.9, 0.95), a linear warm-up then a cosine decay to zero, and gradient-norm
 clipping.
 
-Determinism and resume: all randomness after model initialisation comes from one
-``torch.Generator`` (noise and label drop) and from per-epoch permutations derived from
-``(seed, epoch)``.  The generator, the global RNGs, the optimiser and the scheduler are
-saved in every checkpoint, so a run that is interrupted and restarted with the same
+Determinism and resume: the initial weights come from a generator seeded with ``seed``
+(:func:`initial_model`), all later randomness from one ``torch.Generator`` (noise and
+label drop) and from per-epoch permutations derived from ``(seed, epoch)``; the global
+RNGs are neither set nor read.  The generator, the optimiser and the scheduler are saved
+in every checkpoint, so a run that is interrupted and restarted with the same
 configuration resumes from its last checkpoint and ends bit-for-bit where an uninterrupted
 run would (on the same machine, thread count and torch build).
 """
@@ -33,12 +34,7 @@ import torch
 from torch import Tensor
 
 from fixedpoint.data import Dataset, load_dataset
-from fixedpoint.tarflow.checkpoint import (
-    Checkpoint,
-    load_checkpoint,
-    restore_rng_state,
-    save_checkpoint,
-)
+from fixedpoint.tarflow.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fixedpoint.tarflow.model import TarFlow, TarFlowConfig
 
 __all__ = [
@@ -48,6 +44,7 @@ __all__ = [
     "TrainError",
     "TrainOutcome",
     "evaluate_bpd",
+    "initial_model",
     "train",
 ]
 
@@ -367,6 +364,18 @@ def _train(
     data: Dataset | None,
     callback: Callable[[int, float], None] | None,
 ) -> TrainOutcome:
+    data = _training_data(model_config, cfg, data)
+    run = _Run.start(model_config, cfg, data)
+    if run.path.exists():
+        done = run.resume()
+        if done is not None:
+            return done
+    run.optimise(progress, callback)
+    return run.finish()
+
+
+def _training_data(model_config: TarFlowConfig, cfg: TrainConfig,
+                   data: Dataset | None) -> Dataset:
     if data is None:
         data = load_dataset(cfg.dataset, cfg.data_dir)
     if data.image_size != model_config.image_size or data.channels != model_config.channels:
@@ -375,132 +384,200 @@ def _train(
             f"images but the model expects {model_config.channels}x"
             f"{model_config.image_size}x{model_config.image_size}"
         )
-    conditional = model_config.num_classes > 0
-    device = torch.device(cfg.device)
-    n_train = len(data.train_x)
-    spe = cfg.steps_per_epoch(n_train)
-    total = cfg.total_steps(n_train)
-    path = cfg.checkpoint_path
+    return data
 
-    torch.manual_seed(cfg.seed)
-    model = TarFlow(model_config).to(device)
-    model.train()
-    optimizer = _optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(cfg.warmup, total))
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    losses: list[float] = []
-    step = 0
-    train_time = 0.0
-    n_params = sum(p.numel() for p in model.parameters())
 
-    if path.exists():
-        ckpt = load_checkpoint(path, map_location=device)
-        _check_resume(ckpt, model_config, cfg, data)
-        model.load_state_dict(ckpt.model_state)
+def initial_model(config: TarFlowConfig, seed: int,
+                  device: torch.device | str = "cpu") -> TarFlow:
+    """A fresh model whose weights depend on ``seed`` only: drawn from a local generator
+    (built on the meta device, so the global RNG is neither read nor advanced)."""
+    with torch.device("meta"):
+        model = TarFlow(config)
+    model = model.to_empty(device="cpu")
+    model.reset_parameters(torch.Generator().manual_seed(seed))
+    return model.to(device)
+
+
+@dataclass(eq=False)
+class _Run:
+    """One training run's state: model, optimiser, scheduler, data stream and counters.
+
+    All randomness comes from ``gen`` (noise, label drop), the per-epoch permutations
+    and the seeded initialisation; library code never touches the global RNGs.
+    """
+
+    model_config: TarFlowConfig
+    cfg: TrainConfig
+    data: Dataset
+    model: TarFlow
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    gen: torch.Generator
+    total: int
+    spe: int
+    step: int = 0
+    train_time: float = 0.0
+    losses: list[float] = field(default_factory=list)
+    resumed_from: int = 0
+    run_time: float = 0.0
+    steps_run: int = 0
+
+    @classmethod
+    def start(cls, model_config: TarFlowConfig, cfg: TrainConfig, data: Dataset) -> _Run:
+        n_train = len(data.train_x)
+        total = cfg.total_steps(n_train)
+        model = initial_model(model_config, cfg.seed, cfg.device)
+        model.train()
+        optimizer = _optimizer(model, cfg)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(cfg.warmup, total))
+        return cls(model_config, cfg, data, model, optimizer, scheduler,
+                   torch.Generator().manual_seed(cfg.seed + 1), total,
+                   cfg.steps_per_epoch(n_train))
+
+    @property
+    def path(self) -> Path:
+        return self.cfg.checkpoint_path
+
+    @property
+    def parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def conditional(self) -> bool:
+        return self.model_config.num_classes > 0
+
+    def resume(self) -> TrainOutcome | None:
+        """Continue from the checkpoint; the outcome if that run is already complete."""
+        ckpt = load_checkpoint(self.path, map_location=self.cfg.device)
+        _check_resume(ckpt, self.model_config, self.cfg, self.data)
+        self.model.load_state_dict(ckpt.model_state)
         if ckpt.optimizer_state is not None:
-            optimizer.load_state_dict(ckpt.optimizer_state)
+            self.optimizer.load_state_dict(ckpt.optimizer_state)
         if ckpt.scheduler_state is not None:
-            scheduler.load_state_dict(ckpt.scheduler_state)
-        restore_rng_state(ckpt.rng_state)
+            self.scheduler.load_state_dict(ckpt.scheduler_state)
         if "data_generator" in ckpt.rng_state:
-            gen.set_state(ckpt.rng_state["data_generator"])
-        step = ckpt.step
-        train_time = float(ckpt.extra.get("train_time", 0.0))
+            self.gen.set_state(ckpt.rng_state["data_generator"])
+        self.step = self.resumed_from = ckpt.step
+        self.train_time = float(ckpt.extra.get("train_time", 0.0))
         stored = ckpt.extra.get("losses")
-        losses = [] if stored is None else [float(v) for v in stored]
-        if step >= total and "test_bpd" in ckpt.extra:
+        self.losses = [] if stored is None else [float(v) for v in stored]
+        if self.step >= self.total and "test_bpd" in ckpt.extra:
             return TrainOutcome(
-                path, float(ckpt.extra["test_bpd"]), train_time, 0.0, step, step,
-                float(ckpt.extra.get("seconds_per_epoch", float("nan"))), n_params, losses,
+                self.path, float(ckpt.extra["test_bpd"]), self.train_time, 0.0, self.step,
+                self.step, float(ckpt.extra.get("seconds_per_epoch", float("nan"))),
+                self.parameters, self.losses,
             )
-    resumed_from = step
+        return None
 
-    def extra(**more: Any) -> dict[str, Any]:
-        return {
-            "train_config": cfg.identity(),
-            "train_config_full": cfg.to_dict(),
-            "data": data.provenance,
-            "train_time": train_time,
-            "losses": torch.tensor(losses, dtype=torch.float64),
-            "parameters": n_params,
+    def checkpoint(self, **more: Any) -> None:
+        extra = {
+            "train_config": self.cfg.identity(),
+            "train_config_full": self.cfg.to_dict(),
+            "data": self.data.provenance,
+            "train_time": self.train_time,
+            "losses": torch.tensor(self.losses, dtype=torch.float64),
+            "parameters": self.parameters,
             **more,
         }
+        save_checkpoint(self.path, self.model, self.optimizer, self.scheduler, step=self.step,
+                        extra=extra, rng={"data_generator": self.gen.get_state()})
 
-    def checkpoint(**more: Any) -> None:
-        save_checkpoint(
-            path, model, optimizer, scheduler, step=step, extra=extra(**more),
-            rng={"data_generator": gen.get_state()},
+    def batch(self, perm: Tensor, i: int) -> tuple[Tensor, Tensor | None]:
+        """Batch ``i`` of the epoch's permutation, noise added, labels dropped."""
+        cfg, device = self.cfg, self.cfg.device
+        idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+        x = self.data.train_x[idx]
+        x = x + self.model_config.noise_std * torch.randn(x.shape, generator=self.gen)
+        y = None
+        if self.conditional:
+            y = self.data.train_y[idx].clone()
+            y[torch.rand(len(y), generator=self.gen) < cfg.label_drop] = -1
+            y = y.to(device)
+        return x.to(device), y
+
+    def one_step(self, x: Tensor, y: Tensor | None) -> float:
+        loss = flow_loss(self.model, x, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        self.steps_run += 1
+        value = float(loss.detach())
+        self.losses.append(value)
+        return value
+
+    def optimise(self, progress: bool,
+                 callback: Callable[[int, float], None] | None) -> None:
+        """Steps until ``total``: periodic checkpoints, and a checkpoint before a
+        graceful stop (SIGINT / SIGTERM)."""
+        bar = _progress_bar(progress, self.total, self.step, self.data.name)
+        perm_epoch, perm = -1, None
+        run_start = time.perf_counter()
+        try:
+            with _graceful_stop() as stop:
+                while self.step < self.total:
+                    t0 = time.perf_counter()
+                    epoch, i = divmod(self.step, self.spe)
+                    if epoch != perm_epoch:
+                        perm_epoch = epoch
+                        perm = _epoch_permutation(self.cfg.seed, epoch, len(self.data.train_x))
+                    value = self.one_step(*self.batch(perm, i))
+                    self.train_time += time.perf_counter() - t0
+                    self._report(bar, value, epoch, run_start, progress)
+                    if callback is not None:
+                        callback(self.step, value)
+                    if stop.is_set() and self.step < self.total:
+                        self.checkpoint()
+                        raise KeyboardInterrupt(
+                            f"interrupted at step {self.step}/{self.total}; checkpoint saved "
+                            f"to {self.path}; rerun the same command to resume"
+                        )
+        finally:
+            if bar is not None:
+                bar.close()
+            self.run_time = time.perf_counter() - run_start
+
+    def _report(self, bar: Any, value: float, epoch: int, run_start: float,
+                progress: bool) -> None:
+        """Progress after a step, and the periodic checkpoint."""
+        step, total, every = self.step, self.total, self.cfg.checkpoint_every
+        if bar is not None:
+            bar.update(1)
+            if step % 10 == 0 or step == total:
+                bar.set_postfix(loss=f"{value:.4f}", epoch=epoch)
+        if step % every == 0 and step < total:
+            self.checkpoint()
+            if progress and bar is None:
+                # No TTY (a log file, nohup): one plain line per checkpoint instead of a
+                # progress bar.
+                recent = self.losses[-every:]
+                per_epoch = (time.perf_counter() - run_start) / self.steps_run * self.spe
+                print(f"step {step}/{total} epoch {epoch} loss "
+                      f"{sum(recent) / len(recent):.4f} {per_epoch:.1f} s/epoch",
+                      file=sys.stderr, flush=True)
+
+    def finish(self) -> TrainOutcome:
+        """Evaluate the test NLL, write the final checkpoint, return the outcome."""
+        sec_per_epoch = (self.run_time / self.steps_run * self.spe) if self.steps_run else float(
+            "nan")
+        self.model.eval()
+        test_bpd = evaluate_bpd(
+            self.model, self.data.test_x, self.data.test_y if self.conditional else None,
+            self.model_config.noise_std, seed=self.cfg.seed + 2,
+            batch_size=self.cfg.eval_batch_size, device=self.cfg.device,
+        )
+        self.checkpoint(test_bpd=test_bpd, seconds_per_epoch=sec_per_epoch, complete=True)
+        return TrainOutcome(
+            self.path, test_bpd, self.train_time, self.run_time, self.step, self.resumed_from,
+            sec_per_epoch, self.parameters, self.losses,
         )
 
-    bar = None
-    if progress and _is_tty():
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, initial=step, desc=f"train {data.name}", unit="step",
-                   dynamic_ncols=True)
-    perm_epoch, perm = -1, None
-    run_start = time.perf_counter()
-    steps_run = 0
-    try:
-        with _graceful_stop() as stop:
-            while step < total:
-                t0 = time.perf_counter()
-                epoch, i = divmod(step, spe)
-                if epoch != perm_epoch:
-                    perm_epoch, perm = epoch, _epoch_permutation(cfg.seed, epoch, n_train)
-                idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-                x = data.train_x[idx]
-                x = x + model_config.noise_std * torch.randn(x.shape, generator=gen)
-                y = None
-                if conditional:
-                    y = data.train_y[idx].clone()
-                    y[torch.rand(len(y), generator=gen) < cfg.label_drop] = -1
-                    y = y.to(device)
-                loss = flow_loss(model, x.to(device), y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                steps_run += 1
-                value = float(loss.detach())
-                losses.append(value)
-                train_time += time.perf_counter() - t0
-                if bar is not None:
-                    bar.update(1)
-                    if step % 10 == 0 or step == total:
-                        bar.set_postfix(loss=f"{value:.4f}", epoch=epoch)
-                if step % cfg.checkpoint_every == 0 and step < total:
-                    checkpoint()
-                    if progress and bar is None:
-                        # No TTY (a log file, nohup): one plain line per checkpoint instead
-                        # of a progress bar.
-                        recent = losses[-cfg.checkpoint_every :]
-                        print(f"step {step}/{total} epoch {epoch} loss "
-                              f"{sum(recent) / len(recent):.4f} "
-                              f"{(time.perf_counter() - run_start) / steps_run * spe:.1f} s/epoch",
-                              file=sys.stderr, flush=True)
-                if callback is not None:
-                    callback(step, value)
-                if stop.is_set() and step < total:
-                    checkpoint()
-                    raise KeyboardInterrupt(
-                        f"interrupted at step {step}/{total}; checkpoint saved to {path}; "
-                        "rerun the same command to resume"
-                    )
-    finally:
-        if bar is not None:
-            bar.close()
-    run_time = time.perf_counter() - run_start
-    sec_per_epoch = (run_time / steps_run * spe) if steps_run else float("nan")
-    model.eval()
-    test_bpd = evaluate_bpd(
-        model, data.test_x, data.test_y if conditional else None, model_config.noise_std,
-        seed=cfg.seed + 2, batch_size=cfg.eval_batch_size, device=device,
-    )
-    checkpoint(test_bpd=test_bpd, seconds_per_epoch=sec_per_epoch, complete=True)
-    return TrainOutcome(
-        path, test_bpd, train_time, run_time, step, resumed_from, sec_per_epoch, n_params,
-        losses,
-    )
+def _progress_bar(progress: bool, total: int, step: int, name: str) -> Any:
+    if not (progress and _is_tty()):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=step, desc=f"train {name}", unit="step", dynamic_ncols=True)
