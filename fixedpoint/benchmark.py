@@ -1,16 +1,18 @@
-"""Measure methods side by side on one system: the shared engine of the demo and benchmarks.
+"""Measure methods side by side: the one timer and table printer of the demo and studies.
 
 Wall-clock numbers are medians over repeats taken in the same process, so ratios
 between rows are meaningful; absolute values belong to the device, dtype and batch
-size printed with them.
+size printed with them.  :func:`interleaved_medians` is the only timer (the studies
+import it); :func:`markdown_table` the only table printer.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,6 +20,46 @@ from torch import Tensor
 
 from .methods import Method
 from .solve import solve
+
+__all__ = ["HEADER", "Row", "compare", "interleaved_medians", "markdown", "markdown_table",
+           "scipy_anderson_row"]
+
+
+def interleaved_medians(fns: Mapping[str, Callable[[], object]], repeats: int,
+                        inner: int = 1, clock: Callable[[], float] = time.perf_counter
+                        ) -> dict[str, float]:
+    """Median seconds per call of each function, timed round-robin in this process.
+
+    One warm-up call each, then ``repeats`` rounds that time every function once (as the
+    mean of ``inner`` back-to-back calls, for calls too short to time alone), so slow
+    drifts of a shared machine (load, frequency, allocator state) hit every function
+    alike instead of whichever happened to be measured first.  ``clock`` is wall-clock by
+    default; ``time.process_time`` (CPU seconds of this process) leaves out the time spent
+    waiting for a core on a shared machine, which otherwise weighs long calls more than
+    short ones (a short call often fits in one scheduler slice).
+    """
+    if repeats < 1 or inner < 1:
+        raise ValueError(f"repeats and inner must be >= 1, got {repeats} and {inner}")
+    for fn in fns.values():
+        fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = clock()
+            for _ in range(inner):
+                fn()
+            samples[name].append((clock() - start) / inner)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def markdown_table(head: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table; cells are written with ``str``."""
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for row in rows:
+        if len(row) != len(head):
+            raise ValueError(f"a row has {len(row)} cells, the header {len(head)}")
+        lines.append("| " + " | ".join(str(c) for c in row) + " |")
+    return "\n".join(lines)
 
 
 @dataclass(frozen=True)
@@ -47,21 +89,8 @@ class Row:
 HEADER = ["method", "status", "iterations", "dependent steps", "token evals", "ms", "max error"]
 
 
-def describe(method: Method) -> str:
-    """A short readable label showing the non-default fields, e.g. ``GSJacobi(modules=4)``."""
-    default = type(method)()
-    fields = {k: v for k, v in vars(method).items() if v != getattr(default, k)}
-    inner = ", ".join(f"{k}={v}" for k, v in fields.items())
-    return f"{type(method).__name__}({inner})"
-
-
 def _median_ms(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    return 1e3 * interleaved_medians({"fn": fn}, repeats)["fn"]
 
 
 def compare(
@@ -78,7 +107,7 @@ def compare(
         wall = _median_ms(lambda m=method: solve(F, x0, m), repeats)
         rows.append(
             Row(
-                describe(method),
+                method.describe(),
                 result.status.name,
                 result.iterations,
                 result.dependent_steps,
@@ -135,6 +164,5 @@ def scipy_anderson_row(
 
 
 def markdown(rows: Sequence[Row]) -> str:
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + " --- |" * len(HEADER)]
-    lines += ["| " + " | ".join(r.cells()) + " |" for r in rows]
-    return "\n".join(lines)
+    """The rows of :func:`compare` as a markdown table."""
+    return markdown_table(HEADER, [r.cells() for r in rows])

@@ -17,12 +17,11 @@ from dataclasses import dataclass
 import torch
 
 import fixedpoint as fp
-from fixedpoint.tarflow import BlockInverse, Sample
-from fixedpoint.tarflow.model import TarFlow
-from fixedpoint.tarflow.strategy import BlockPlan, InitialGuess, Strategy
+from fixedpoint.quality import deviation
+from fixedpoint.tarflow import BlockInverse, BlockPlan, InitialGuess, Sample, Strategy, TarFlow
 
 from .costmodel import CostModel
-from .lib import BUDGET, GUIDANCE, deviation, noise, sample, sequential_strategy, totals
+from .lib import BUDGET, GUIDANCE, noise, sample, sequential_strategy, totals
 
 CALIBRATION_SEED = 1234
 TOLERANCES = (1e-2, 3e-3, 1e-3, 3e-4, 1e-4)
@@ -63,15 +62,17 @@ def choose(model: TarFlow, cost: CostModel, target_batch: int, igm_inits: list[I
     ref = sample(model, z, y, sequential_strategy(c.blocks))
     inputs = block_inputs(model, ref)
     scale = target_batch / calibration
-    seq_tokens = calibration * (c.seq_len - 1)
     share = 1.0 / c.blocks
     rounds = []
     for _ in range(4):
         plans, chosen = [], []
         for k in range(c.blocks):
             fmap = BlockInverse(model, k, inputs[k], y, guidance=GUIDANCE)
-            best = Choice(k, BlockPlan(fp.Sequential()), 0.0, c.seq_len, seq_tokens,
-                          cost.predict(c.seq_len, int(seq_tokens * scale)))
+            seq = fp.solve(fmap, inputs[k], fp.Sequential())
+            best = Choice(k, BlockPlan(fp.Sequential()), 0.0, seq.dependent_steps,
+                          seq.token_evals, cost.predict_solve(
+                              fp.Sequential(), seq.dependent_steps,
+                              int(seq.token_evals * scale)))
             for tol in TOLERANCES:
                 for method in candidates(c.seq_len, tol):
                     x0 = igm_inits[k].start(inputs[k])
@@ -79,7 +80,8 @@ def choose(model: TarFlow, cost: CostModel, target_batch: int, igm_inits: list[I
                     err = float((r.x - ref.blocks[k].x).abs().max())
                     if not r.converged.all() or err > budget * share:
                         continue
-                    t = cost.predict(r.dependent_steps, int(r.token_evals * scale))
+                    t = cost.predict_solve(method, r.dependent_steps,
+                                           int(r.token_evals * scale))
                     if t < best.predicted_s:
                         best = Choice(k, BlockPlan(method, igm_inits[k]), err,
                                       r.dependent_steps, r.token_evals, t)
@@ -89,13 +91,13 @@ def choose(model: TarFlow, cost: CostModel, target_batch: int, igm_inits: list[I
         check = sample(model, z, y, strategy)
         dev = deviation(check.x, ref.x)
         rounds.append({"share": share, "deviation": dev, "strategy": strategy.describe()})
-        if dev["max"] <= budget:
+        if dev["max_abs"] <= budget:
             break
         share /= 4  # errors grew through later blocks: ask every block for less
     return {
         "strategy": strategy,
         "choices": chosen,
         "rounds": rounds,
-        "predicted_s": sum(ch.predicted_s for ch in chosen),
+        "predicted_s": cost.per_run + sum(ch.predicted_s for ch in chosen),
         "calibration_totals": totals(check),
     }

@@ -4,10 +4,11 @@ On a 2-core CPU a Jacobi iteration (a full pass) costs real arithmetic, so paral
 strategies win only while the per-call latency dominates: at small batch.  For batch
 sizes 1 to 256 this measures the wall-clock of the sequential sampler and of the
 parallel strategies (median of repeats, same run), finds the crossover batch size where
-sequential becomes faster, fits the cost model ``alpha * steps + beta * tokens`` on
-single calls at all batch sizes, compares its predictions with the measurements, and
-states what the same strategies would give on a latency-bound device (speed-up = ratio
-of dependent steps).
+sequential becomes faster, fits the cost model (network time from bare calls, solver
+overhead from calibration solves, see :mod:`studies.costmodel`) at every batch size,
+compares its predictions with the measurements of these strategies (none was used to
+fit it), and states what the same strategies would give on a latency-bound device
+(speed-up = ratio of dependent steps).
 
     python -m studies.batch_scaling --mode fast
 """
@@ -24,13 +25,22 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 import fixedpoint as fp  # noqa: E402
-from fixedpoint.tarflow import BlockMetrics  # noqa: E402
-from fixedpoint.tarflow.strategy import Strategy  # noqa: E402
+from fixedpoint.benchmark import interleaved_medians  # noqa: E402
+from fixedpoint.tarflow import BlockMetrics, Strategy  # noqa: E402
 
 from . import costmodel  # noqa: E402
 from .common import Mode, read_json, save_figure, study_main, timed, write_json  # noqa: E402
 from .crm_igm import paper_rule  # noqa: E402
-from .lib import SEED, TOL, interleaved_times, noise, sample, sequential_strategy, totals, trained  # noqa: E402
+from .lib import (  # noqa: E402
+    SEED,
+    TOL,
+    noise,
+    sample,
+    sequential_strategy,
+    timing_clock,
+    totals,
+    trained,
+)
 
 
 def crossover(batches: list[int], speedups: list[float]) -> float | None:
@@ -54,27 +64,32 @@ def run_model(preset: str, mode: Mode) -> dict:
     }
     # Batch 256 on the T = 196 model would take most of the time budget by itself.
     batches = [b for b in mode.batch_sizes if b <= 64 or c.seq_len <= 64]
-    with timed(f"{preset}: cost model over batch sizes"):
-        cost = costmodel.fit(model, tuple(batches), repeats=mode.repeats)
+    clock, clock_name = timing_clock()
+    cost = {}
     measured: dict[str, dict] = {name: {"time": [], "predicted": [], "steps": [], "tokens": []}
                                  for name in plans}
     for b in batches:
+        with timed(f"{preset}: cost model at batch {b}"):
+            cost[b] = costmodel.fit(model, b, repeats=mode.repeats, clock=clock)
         z, y = noise(model, b, seed=SEED)
-        times = interleaved_times({name: partial(sample, model, z, y, strategy)
-                                   for name, strategy in plans.items()}, mode.repeats)
+        times = interleaved_medians({name: partial(sample, model, z, y, strategy)
+                                     for name, strategy in plans.items()}, mode.repeats,
+                                    clock=clock)
         for name, strategy in plans.items():
-            tt = totals(sample(model, z, y, strategy))
+            s = sample(model, z, y, strategy)
+            tt = totals(s)
             m = measured[name]
             m["time"].append(times[name])
             m["steps"].append(tt["dependent_steps"])
             m["tokens"].append(tt["token_evals"])
-            m["predicted"].append(cost.predict(tt["dependent_steps"], tt["token_evals"]))
+            m["predicted"].append(cost[b].predict_sample(s))
         print(f"batch {b}: " + ", ".join(f"{n} {1e3 * measured[n]['time'][-1]:.1f} ms"
                                          for n in plans), flush=True)
     seq = measured["sequential"]
     out = {"preset": preset, "seq_len": c.seq_len, "batches": batches, "device": "cpu",
-           "dtype": "float32", "threads": torch.get_num_threads(),
-           "cost_model": cost.to_dict(), "strategies": {}}
+           "dtype": "float32", "threads": torch.get_num_threads(), "repeats": mode.repeats,
+           "clock": clock_name,
+           "cost_model": {b: cost[b].to_dict() for b in batches}, "strategies": {}}
     errors = []
     for name, m in measured.items():
         speed = [s / p for s, p in zip(seq["time"], m["time"])]

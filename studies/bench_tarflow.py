@@ -25,14 +25,12 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
-import time
-from collections.abc import Callable
 from functools import partial
 
 import torch
 
 import fixedpoint as fp
+from fixedpoint.benchmark import interleaved_medians, markdown_table
 from fixedpoint.tarflow import (
     BlockInverse,
     TarFlow,
@@ -57,19 +55,6 @@ def build_model(seed: int) -> TarFlow:
             block.proj_out.weight.normal_(0, 0.02)
             block.proj_out.bias.normal_(0, 0.02)
     return model
-
-
-def medians(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds per function; repeats interleaved so load drift hits all alike."""
-    for fn in fns.values():  # warm-up (allocator, kernels)
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def sequential_steps(fmap: BlockInverse, z: torch.Tensor) -> torch.Tensor:
@@ -125,7 +110,7 @@ def main() -> None:
         diff = float((lean_x - naive_x).abs().max())
 
         fmap = BlockInverse(model, 0, z, y, guidance=args.guidance)
-        t = medians(
+        t = interleaved_medians(
             {
                 "lean": partial(model.reverse, z, y, guidance=args.guidance),
                 "naive": partial(sample_sequential_naive, model, z, y, args.guidance),
@@ -137,13 +122,13 @@ def main() -> None:
             args.repeats,
         )
         step = t["steps"] / (T - 1)  # T - 1 network calls (position 0 needs none)
-        solve_ratio = t["solve_jac1"] / (t["solve_seq"] / T)  # Sequential: T solver steps
+        solve_ratio = t["solve_jac1"] / (t["solve_seq"] / (T - 1))  # T - 1 solver steps
         rows.append((B, t["lean"], t["naive"], t["pass"], step, solve_ratio, diff))
 
-    print("| batch | lean sequential (ms) | naive loop (ms) | speed-up | target | "
-          "1 Jacobi pass (ms) | 1 sequential step (ms) | ratio | ratio via fp.solve | "
-          "max abs diff |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    head = ["batch", "lean sequential (ms)", "naive loop (ms)", "speed-up", "target",
+            "1 Jacobi pass (ms)", "1 sequential step (ms)", "ratio", "ratio via fp.solve",
+            "max abs diff"]
+    cells = []
     for B, lean, naive, jac, step, solve_ratio, diff in rows:
         target = TARGET_SPEEDUP.get(B)
         speed = naive / lean
@@ -152,16 +137,15 @@ def main() -> None:
         rmark = ""
         if B == 1:
             rmark = f" ({'ok' if ratio < TARGET_RATIO else 'MISSED'} < {TARGET_RATIO:g})"
-        print(
-            f"| {B} | {lean * 1e3:.1f} | {naive * 1e3:.1f} | {speed:.2f}x | {mark} | "
-            f"{jac * 1e3:.2f} | {step * 1e3:.3f} | {ratio:.2f}{rmark} | {solve_ratio:.2f} | "
-            f"{diff:.1e} |"
-        )
+        cells.append([B, f"{lean * 1e3:.1f}", f"{naive * 1e3:.1f}", f"{speed:.2f}x", mark,
+                      f"{jac * 1e3:.2f}", f"{step * 1e3:.3f}", f"{ratio:.2f}{rmark}",
+                      f"{solve_ratio:.2f}", f"{diff:.1e}"])
+    print(markdown_table(head, cells))
     print(
         "\nspeed-up = naive / lean, the same samples ('max abs diff' between them).  ratio ="
         " one Jacobi pass (the map on all tokens, CFG batched) / one sequential step (the"
         " map on one new token from the KV cache), both on block 0 without solver"
-        " bookkeeping; 'via fp.solve' = Jacobi(max_iter=1) solve / (Sequential solve / T),"
+        " bookkeeping; 'via fp.solve' = Jacobi(max_iter=1) solve / (Sequential solve / (T - 1)),"
         " fixed per-solve costs included."
     )
 

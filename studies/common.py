@@ -68,11 +68,17 @@ FULL = Mode(
 MODES = {"fast": FAST, "full": FULL}
 
 
+# What a reproduction run rewrites itself: changes there do not make the checkout dirty.
+RUN_OUTPUTS = ("paper/results", "paper/paper.md")
+
+
 def git_revision() -> str:
+    """``HEAD``'s short hash, ``-dirty`` if tracked files other than the outputs changed."""
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                              capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                ".", *(f":(exclude){p}" for p in RUN_OUTPUTS)],
                                cwd=ROOT, capture_output=True, text=True, timeout=10).stdout
         return (rev or "unknown") + ("-dirty" if dirty.strip() else "")
     except (OSError, subprocess.SubprocessError):

@@ -12,14 +12,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 import fixedpoint as fp  # noqa: E402
-from fixedpoint.quality import QualityMeter  # noqa: E402
-from fixedpoint.tarflow import BlockMetrics  # noqa: E402
-from fixedpoint.tarflow.strategy import InitialGuess  # noqa: E402
+from fixedpoint.quality import QualityMeter, deviation  # noqa: E402
+from fixedpoint.tarflow import BlockMetrics, InitialGuess  # noqa: E402
 
 from .common import CACHE, Mode, read_json, save_figure, study_main, write_json  # noqa: E402
 from .lib import (  # noqa: E402
     SEED,
-    deviation,
     noise,
     per_block,
     sample,
@@ -46,7 +44,8 @@ def initial_guess_study(preset: str, mode: Mode) -> dict:
     out = {"preset": preset, "cap": cap, "variants": {}}
     fig, axes = plt.subplots(1, c.blocks, figsize=(3.2 * c.blocks, 3), squeeze=False)
     for name, inits in variants.items():
-        s = sample(model, z, y, per_block([fp.Jacobi(max_iter=cap)] * c.blocks, inits),
+        capped = fp.Jacobi(atol=0.0, rtol=0.0, max_iter=cap)  # exact tolerance: the cap rules
+        s = sample(model, z, y, per_block([capped] * c.blocks, inits),
                    reference=ref, trace=True, denoise=True)
         curves = [[float(r.error.max()) for r in b.trace] for b in s.blocks]
         out["variants"][name] = {

@@ -1,9 +1,12 @@
-"""Models, noise, strategies and timing shared by the study scripts."""
+"""Models, noise and strategies shared by the study scripts.
+
+Timing is :func:`fixedpoint.benchmark.interleaved_medians`, deviations
+:func:`fixedpoint.quality.deviation`: one of each, in the library.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -13,11 +16,9 @@ import torch
 from torch import Tensor
 
 import fixedpoint as fp
-from fixedpoint.tarflow.checkpoint import load_model
 from fixedpoint.data import Dataset, load_dataset
-from fixedpoint.tarflow.model import TarFlow
-from fixedpoint.tarflow.sampling import Sample, reverse
-from fixedpoint.tarflow.strategy import BlockPlan, InitialGuess, Strategy
+from fixedpoint.tarflow import BlockPlan, InitialGuess, Sample, Strategy, TarFlow, reverse
+from fixedpoint.tarflow.checkpoint import load_model
 from fixedpoint.tarflow.train import PRESETS, train
 
 from .common import CACHE, Mode, key
@@ -86,38 +87,18 @@ def totals(s: Sample) -> dict[str, Any]:
     }
 
 
-def median_time(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall-clock seconds of ``fn`` over ``repeats`` runs, after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def timing_clock() -> tuple[Callable[[], float], str]:
+    """The clock the studies time with, and its name for the tables.
 
-
-def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median wall-clock seconds of each function, timed round-robin.
-
-    One warm-up call each, then ``repeats`` rounds that call every function once, so
-    slow drifts of the machine (allocator state, frequency, other processes) hit every
-    strategy alike instead of whichever happened to be measured first.
+    With one torch thread: the CPU seconds of this process.  On an idle machine they equal
+    the wall-clock; on a shared one they leave out the time spent waiting for a core,
+    which would otherwise weigh long runs more than short calls (a short call often fits
+    in one scheduler slice) and make every ratio depend on the neighbours' load.  With
+    more threads CPU seconds add up over threads, so the wall-clock is used.
     """
-    for fn in fns.values():
-        fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(v) for name, v in samples.items()}
-
-
-def deviation(a: Tensor, b: Tensor) -> dict[str, float]:
-    d = (a - b).abs()
-    return {"max": float(d.max()), "mean": float(d.mean())}
+    if torch.get_num_threads() == 1:
+        return time.process_time, "CPU time of the process"
+    return time.perf_counter, "wall-clock"
 
 
 def sequential_strategy(blocks: int) -> Strategy:

@@ -4,7 +4,7 @@ Under ``torch.autocast`` with bfloat16 the network's linear layers carry roundin
 of order ``2**-7``, so a Jacobi tolerance of 1e-4 cannot be met and every block runs to
 its finite-termination bound.  ``reverse`` raises such tolerances to
 ``fixedpoint.noise_floor(torch.bfloat16)`` (with a warning) unless
-``adjust_tolerance=False``.  This study measures, per model, Jacobi (tol 1e-4 on every
+``adjust_tolerance=False``.  This study measures, per model, Jacobi (atol 1e-4 on every
 block) in float32, in bfloat16 with the tolerance raised and with it kept, and the
 sequential sampler in both dtypes: iterations per block, dependent steps, deviation
 from the float32 sequential samples and wall-clock (CPU, round-robin median).
@@ -21,18 +21,19 @@ from typing import Any
 import torch
 
 import fixedpoint as fp
+from fixedpoint.benchmark import interleaved_medians
+from fixedpoint.quality import deviation
 
 from .common import Mode, study_main, write_json
 from .lib import (
     GUIDANCE,
     SEED,
     TOL,
-    deviation,
-    interleaved_times,
     jacobi_strategy,
     noise,
     sample,
     sequential_strategy,
+    timing_clock,
     trained,
 )
 
@@ -67,14 +68,15 @@ def run_model(preset: str, mode: Mode) -> dict[str, Any]:
 
     fns = {name: runner(*v) for name, v in variants.items()}
     results = {name: fn() for name, fn in fns.items()}
-    times = interleaved_times(fns, mode.repeats)
+    clock, clock_name = timing_clock()
+    times = interleaved_medians(fns, mode.repeats, clock=clock)
     ref = results["float32 sequential"][0].x
     rows = []
     for name, (s, caught) in results.items():
         plan = s.strategy.plans[0].method if s.strategy is not None else None
         rows.append({
             "variant": name,
-            "tol_used": getattr(plan, "tol", None),
+            "tol_used": getattr(plan, "atol", None),
             "iterations": [r.iterations for r in s.blocks],
             "status": [r.status.name for r in s.blocks],
             "dependent_steps": sum(r.dependent_steps for r in s.blocks),
@@ -84,7 +86,8 @@ def run_model(preset: str, mode: Mode) -> dict[str, Any]:
         })
     out = {"preset": preset, "seq_len": model.config.seq_len, "batch": BATCH,
            "guidance": GUIDANCE, "tol": TOL, "noise_floor_bfloat16": fp.noise_floor(bf16),
-           "threads": torch.get_num_threads(), "repeats": mode.repeats, "rows": rows}
+           "threads": torch.get_num_threads(), "repeats": mode.repeats, "clock": clock_name,
+           "rows": rows}
     write_json(mode.out_dir / f"precision-{preset}.json", out, seed=SEED)
     return out
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -101,8 +100,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="run only these studies: " + ", ".join(names))
     parser.add_argument("--models", nargs="*", help="restrict to these training presets")
     parser.add_argument("--out", type=Path, help="output directory (default: the mode's)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(),
-                        help="torch CPU threads (default: all cores)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads for training and timing (default: 1, the "
+                             "paper's regime; recorded in run.json)")
     args = parser.parse_args(argv)
     mode = MODES[args.mode]
     torch.set_num_threads(max(1, args.threads))
@@ -146,7 +146,9 @@ def main(argv: list[str] | None = None) -> None:
             ledger.add(entry)
     total = time.perf_counter() - start
     write_json(mode.out_dir / "run.json", {"mode": mode.name, "wall_clock_s": total,
-                                           "models": list(mode.models), "timings_s": timings})
+                                           "threads": torch.get_num_threads(),
+                                           "models": list(mode.models), "timings_s": timings,
+                                           "only": args.only or None, "force": args.force})
     write_paper.write(mode)
     print(f"all done in {total / 60:.1f} min; results in {mode.out_dir}")
 

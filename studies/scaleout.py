@@ -48,7 +48,7 @@ def _settings(preset: str, mode: Mode) -> tuple[int, int, dict[str, list[str]]]:
         return 64, 16, {"sequential": ["--strategy", "sequential"]}
     strategies = {"sequential": ["--strategy", "sequential"]}
     if preset != "mnist-p2":  # Jacobi at batch 64 on T=196 costs minutes per run here
-        strategies["jacobi"] = ["--strategy", "jacobi", "--tol", str(TOL)]
+        strategies["jacobi"] = ["--strategy", "jacobi", "--atol", str(TOL)]
     return 512, 64, strategies
 
 

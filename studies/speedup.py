@@ -20,9 +20,9 @@ from functools import partial
 import torch
 
 import fixedpoint as fp
-from fixedpoint.quality import QualityMeter
-from fixedpoint.tarflow import BlockMetrics
-from fixedpoint.tarflow.strategy import InitialGuess, Strategy
+from fixedpoint.benchmark import interleaved_medians, markdown_table
+from fixedpoint.quality import QualityMeter, deviation
+from fixedpoint.tarflow import BlockMetrics, InitialGuess, Strategy
 
 from . import auto_strategy, costmodel
 from .common import CACHE, Mode, read_json, study_main, timed, write_json
@@ -31,11 +31,10 @@ from .lib import (
     BUDGET,
     SEED,
     TOL,
-    deviation,
-    interleaved_times,
     noise,
     sample,
     sequential_strategy,
+    timing_clock,
     totals,
     trained,
 )
@@ -74,8 +73,10 @@ def run_model(preset: str, mode: Mode) -> dict:
     model, c = t.model, t.model.config
     table = [BlockMetrics(**r) for r in read_json(mode.out_dir / f"crm_igm-{preset}.json")["table"]]
     timing_batches = (1, 64) if mode.name == "full" else (1, 8)
+    clock, clock_name = timing_clock()
     with timed(f"{preset}: cost model"):
-        cost = {b: costmodel.fit(model, (b,), repeats=mode.repeats) for b in timing_batches}
+        cost = {b: costmodel.fit(model, b, repeats=mode.repeats, clock=clock)
+                for b in timing_batches}
     auto, auto_info = {}, {}
     for b in timing_batches:
         with timed(f"{preset}: automatic strategy for batch {b}"):
@@ -102,15 +103,17 @@ def run_model(preset: str, mode: Mode) -> dict:
                          "fcd": meter.frechet(s.x), "accuracy": meter.accuracy(s.x, y)})
     for b in timing_batches:
         zb, yb = noise(model, b, seed=SEED)
-        with timed(f"{preset}: wall-clock at batch {b}"):
-            times = interleaved_times({name: partial(sample, model, zb, yb, strategy)
-                                       for name, strategy in plans.items()}, mode.repeats)
+        with timed(f"{preset}: timing at batch {b}"):
+            times = interleaved_medians({name: partial(sample, model, zb, yb, strategy)
+                                         for name, strategy in plans.items()}, mode.repeats,
+                                        clock=clock)
         for row, strategy in zip(rows, plans.values(), strict=True):
-            tb = totals(sample(model, zb, yb, strategy))
+            sb = sample(model, zb, yb, strategy)
+            tb = totals(sb)
             row[f"time_b{b}"] = times[row["strategy"]]
             row[f"steps_b{b}"] = tb["dependent_steps"]
             row[f"tokens_b{b}"] = tb["token_evals"]
-            row[f"predicted_b{b}"] = cost[b].predict(tb["dependent_steps"], tb["token_evals"])
+            row[f"predicted_b{b}"] = cost[b].predict_sample(sb)
     for row in rows:
         for b in timing_batches:
             row[f"speedup_b{b}"] = rows[0][f"time_b{b}"] / row[f"time_b{b}"]
@@ -121,7 +124,8 @@ def run_model(preset: str, mode: Mode) -> dict:
         "preset": preset, "seq_len": c.seq_len, "blocks": c.blocks,
         "eval_batch": mode.eval_batch, "timing_batches": list(timing_batches),
         "tolerance": TOL, "budget": BUDGET, "dtype": "float32", "device": "cpu",
-        "threads": torch.get_num_threads(),
+        "repeats": mode.repeats,
+        "threads": torch.get_num_threads(), "clock": clock_name,
         "test_bpd": t.test_bpd, "train_time_s": t.train_time, "parameters": t.parameters,
         "classifier_test_accuracy": meter.test_accuracy,
         "fcd_sequential": fcd_seq, "fcd_noise_floor": noise_floor,
@@ -138,14 +142,14 @@ def markdown(out: dict) -> str:
     head = ["strategy", "dependent steps", "token evals"]
     head += [f"ms (b={b})" for b in bs] + [f"speed-up (b={b})" for b in bs]
     head += ["max dev", "FCD", "accuracy"]
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    rows = []
     for r in out["rows"]:
         cells = [r["strategy"], str(r["dependent_steps"]), str(r["token_evals"])]
         cells += [f"{1e3 * r[f'time_b{b}']:.1f}" for b in bs]
         cells += [f"{r[f'speedup_b{b}']:.2f}x" for b in bs]
-        cells += [f"{r['deviation']['max']:.1e}", f"{r['fcd']:.3f}", f"{r['accuracy']:.3f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        cells += [f"{r['deviation']['max_abs']:.1e}", f"{r['fcd']:.3f}", f"{r['accuracy']:.3f}"]
+        rows.append(cells)
+    return markdown_table(head, rows)
 
 
 def main(argv: list[str] | None = None) -> None:
