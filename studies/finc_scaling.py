@@ -390,6 +390,13 @@ def section_values(payload: dict[str, Any]) -> dict[str, str]:
     for key in ("train_min", "params", "units"):
         v.setdefault(f"mnist_{key}", "n/a")
     v["regime"] = payload["regime"]
+    contraction = payload.get("contraction", {}).get("models", {})
+    if contraction:
+        v["contraction"] = "; ".join(
+            f"{name} {m['min_norm']:.2f} to {m['max_norm']:.2f}"
+            for name, m in contraction.items())
+    else:
+        v["contraction"] = "not measured (run studies.finc_contraction)"
     return v
 
 
@@ -466,6 +473,9 @@ def main(argv: list[str] | None = None) -> None:
         with timed(f"finc_scaling {mode.name}"):
             payload = run(mode, args.mnist_checkpoint)
         write_json(out_dir / "finc_scaling.json", payload, seed=SEED)
+    contraction = out_dir / "finc_contraction.json"
+    if contraction.exists():  # written by studies.finc_contraction from this run's models
+        payload["contraction"] = read_json(contraction)
     _figure(payload["unit"]["rows"], out_dir / "finc_scaling.png")
     render_section(payload, out_dir.parent / "finc.md")
     print(f"wrote {out_dir / 'finc_scaling.json'}, finc_scaling.png, "
