@@ -218,7 +218,7 @@ def load_model(directory: str | os.PathLike[str], *, device: str = "cpu") -> Dif
             f"was built for {trained}"
         )
     try:
-        unet = UNet2DModel.from_pretrained(unet_dir, local_files_only=True)
+        unet = UNet2DModel.from_pretrained(unet_dir, local_files_only=True, low_cpu_mem_usage=False)
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelError(f"{unet_dir}: cannot load the UNet ({str(exc).splitlines()[0]})") from exc
     meta = _read_json(directory / META) if (directory / META).is_file() else {}

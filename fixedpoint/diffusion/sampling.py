@@ -142,16 +142,18 @@ def diffusers_loop(
     return x
 
 
-def paradigms_tolerance(chain: Chain, tau: float = 0.1) -> Tensor:
+def paradigms_tolerance(chain: Chain, tau: float = 0.1, floor: float = 1e-5) -> Tensor:
     """Per-position ``atol`` for ParaDiGMS's stopping rule, for ``SlidingWindow(rms=True)``.
 
     ParaDiGMS stops step ``n`` when ``||dx_n||^2 / (d sigma_n^2) <= tau^2``, with
     ``sigma_n^2`` the step's noise variance (:attr:`Chain.variance`): an RMS update of at
-    most ``tau * sigma_n``.  Returned as a float64 tensor over the ``N`` positions.
+    most ``tau * sigma_n``.  A step whose variance vanishes (the last one, which ends at
+    the clean sample) would ask for a tolerance no float32 iterate can meet; it gets
+    ``floor`` instead.  Returned as a float64 tensor over the ``N`` positions.
     """
     if not tau > 0:
         raise ValueError(f"tau must be > 0, got {tau!r}")
-    return tau * chain.variance.sqrt()
+    return (tau * chain.variance.sqrt()).clamp(min=floor)
 
 
 def block_picard(blocks: int, iterations: int) -> GSJacobi:
