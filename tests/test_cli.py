@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import subprocess
 import sys
 import textwrap
@@ -203,6 +204,12 @@ def test_sample_strategies(
     assert (tmp_path / "s.png").stat().st_size > 0
     if strategy == "[1-4-8-5]":
         assert "GSJacobi(modules=4, max_iter=8)" in out and "Jacobi(max_iter=5)" in out
+    capped = [line.split()[0] for line in out.splitlines()
+              if line[:5].strip().isdigit() and line.rstrip().endswith("MAX_ITER")]
+    if capped:  # named in one note on stderr
+        assert f"note: block(s) {', '.join(capped)} stopped at the iteration cap" in err
+    else:
+        assert "iteration cap" not in err
 
 
 def test_sample_bfloat16_and_unconditional_labels(
@@ -464,6 +471,22 @@ def test_python_dash_m(tmp_path: Path) -> None:
     assert proc.stdout == ""
 
 
+@pytest.mark.slow
+def test_closed_pipe_ends_quietly() -> None:
+    # `fixedpoint demo | head -1`: the reader leaves after the first line; the next write
+    # (unbuffered, so it happens inside main) must end the command without a traceback.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "fixedpoint", "demo", "--length", "2",
+                             "--batch", "1", "--repeats", "1", "--threads", "1"], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline().startswith("device cpu")
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=300) == 141, err  # 128 + SIGPIPE, as a shell pipeline reports
+    assert err == ""
+
+
 # -------------------------------------------------------------------------- studies
 
 
@@ -510,3 +533,42 @@ def test_torch_bound_admits_the_apis_the_code_calls() -> None:
     assert installed >= (int(bound[1]), int(bound[2]))
     assert torch.get_autocast_dtype("cpu") in (torch.bfloat16, torch.float16)
     assert torch.is_autocast_enabled("cpu") is False
+
+
+# -------------------------------------------------------------- default strategies
+
+
+@pytest.fixture(scope="module")
+def nontrivial_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A digits-shaped model with random non-zero out-projections: blocks that need
+    several iterations (a freshly trained 3-step model is nearly the identity)."""
+    torch.manual_seed(0)
+    model = TarFlow(TarFlowConfig(image_size=8, channels=1, patch_size=2, width=64,
+                                  blocks=3, layers=1, head_dim=32, num_classes=10)).eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.proj_out.weight.normal_(0, 0.05)
+            block.proj_out.bias.normal_(0, 0.05)
+    path = tmp_path_factory.mktemp("nontrivial") / "model.pt"
+    save_checkpoint(path, model)
+    return path
+
+
+def total_steps(out: str) -> int:
+    return int(next(line for line in out.splitlines() if line.startswith("total")).split()[2])
+
+
+@pytest.mark.slow
+def test_default_tolerances_beat_sequential(
+    nontrivial_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    steps = {}
+    for strategy in ("sequential", "jacobi", "anderson"):
+        code, out, err = run(["sample", "--checkpoint", str(nontrivial_checkpoint), "--batch",
+                              "8", "--strategy", strategy, "--out", str(tmp_path / "s.png")],
+                             capsys)
+        assert code == 0, err
+        steps[strategy] = total_steps(out)
+    assert steps["sequential"] == 3 * 15
+    assert steps["jacobi"] < steps["sequential"], steps
+    assert steps["anderson"] <= steps["sequential"], steps

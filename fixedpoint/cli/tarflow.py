@@ -392,6 +392,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
+    import fixedpoint as fp
     from fixedpoint.tarflow import SamplingError, reverse
 
     ckpt, model = _load(args)
@@ -417,6 +418,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if not torch.isfinite(sample.images).all():  # e.g. the denoising step overflowed
         raise CommandFailed("sampling produced non-finite images; no image written")
     strategy = sample.strategy or strategy  # tolerances as actually used
+    capped = [str(k) for k, res in enumerate(sample.blocks) if res.status is fp.Status.MAX_ITER]
+    if capped:
+        note(args, f"note: block(s) {', '.join(capped)} stopped at the iteration cap before "
+                   "meeting the tolerance; those blocks are not the exact inverse")
     path = save_grid(sample.images, args.out, args.nrow)
     print(f"{len(sample.images)} samples, {args.dtype} on {dev}, guidance {args.guidance:g}, "
           f"strategy {strategy}")
