@@ -309,3 +309,28 @@ def test_from_published_state_dict_hints_at_a_wrapper_prefix(prefix):
     with pytest.raises(ValueError) as info:  # an ordinary stray key gets no such hint
         TarFlow.from_published_state_dict({"blocks.0.extra": torch.zeros(1)}, channels=1)
     assert "starts with" not in str(info.value)
+
+
+def test_windows_past_the_cache_read_the_causal_mask_buffer():
+    model = make_model()
+    block = model.blocks[0]
+    assert torch.equal(block.window_mask(3, 4), torch.ones(4, 7, dtype=torch.bool).tril(3))
+    assert block.window_mask(0, 5) is None and block.window_mask(3, 1) is None
+    c = model.config
+    x = torch.randn(2, c.seq_len, c.token_dim, generator=torch.Generator().manual_seed(1))
+    emb = block.embedding(block.class_vector(None, 2))
+
+    def window() -> torch.Tensor:
+        cache = KVCache.allocate(c, 2)
+        with torch.no_grad():
+            block.network(x[:, :3], emb[:, :3], cache=cache, start=0)
+            return block.network(x[:, 3:9], emb[:, 3:9], cache=cache, start=3)
+
+    with torch.no_grad():
+        full = block.network(x, emb)
+    torch.testing.assert_close(window(), full[:, 3:9], rtol=1e-5, atol=1e-5)
+    # The buffer is what the attention uses: a mask that lets queries see the whole
+    # window changes the result (position 3 would read positions 4..8).
+    with torch.no_grad():
+        block.attn_mask.fill_(1.0)
+    assert not torch.allclose(window()[:, 0], full[:, 3], atol=1e-3)
