@@ -311,6 +311,18 @@ def test_generate_refuses_bad_numbers(
     assert not (tmp_path / "gen").exists()
 
 
+def test_generate_into_another_runs_folder_names_the_setting(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["generate", "--checkpoint", str(checkpoint), "--out-dir", str(tmp_path),
+            "--num-samples", "2", "--shard-size", "2", "--quiet"]
+    code, _, err = run(args, capsys)
+    assert code == 0, err
+    code, _, err = run([*args, "--guidance", "2"], capsys)
+    assert_one_line_error(code, err, "guidance")
+    assert "2.0 now" in err
+
+
 def test_missing_and_corrupt_checkpoint(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

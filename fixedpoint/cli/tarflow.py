@@ -465,7 +465,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace, ctx: Any) -> int:
     import torch
 
-    from fixedpoint.tarflow.generate import GenerationError, GenerationSpec, generate
+    from fixedpoint.tarflow.generate import (
+        GenerationError,
+        GenerationSpec,
+        RunMismatchError,
+        generate,
+    )
 
     ckpt, model = _load(args, ctx.device)
     config = model.config
@@ -490,11 +495,12 @@ def _generate(args: argparse.Namespace, ctx: Any) -> int:
             autocast_dtype=torch.bfloat16 if args.dtype == "bfloat16" else None,
             checkpoint=ckpt.path, progress=not args.quiet, merge=not args.no_merge,
         )
-    except GenerationError as exc:
-        # Every rank raises the same error; one copy of the message is enough.
+    except (GenerationError, RunMismatchError) as exc:
+        # Every rank raises the same error; one copy of the message is enough. Another
+        # run's folder is a user error (2); a failed shard is a failed command (1).
         if ctx.is_main:
             print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, RunMismatchError) else 1
     if ctx.is_main:
         _print_generation(report)
     return 0
