@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -466,3 +467,15 @@ def test_any_method_written_outside_the_package_samples_the_flow(cond_model):
     got = reverse(cond_model, noise(), strategy=strategy)
     assert got.statuses == (fp.Status.SUCCESS,) * 4
     torch.testing.assert_close(got.images, seq.images, rtol=RTOL, atol=ATOL)
+
+
+def test_block_inverse_arguments(cond_model):
+    z = noise()
+    fmap = BlockInverse(cond_model, np.int64(1), z, guidance=np.float32(1.5))
+    assert fmap.block_index == 1 and fmap.flow_block is cond_model.blocks[1]
+    assert fmap.rows_per_sample == 2 and BlockInverse(cond_model, 0, z).rows_per_sample == 1
+    for bad in (4, -1, 1.0, True):
+        with pytest.raises(ValueError, match=r"block_index must be an int in \[0, 4\)"):
+            BlockInverse(cond_model, bad, z)
+    with pytest.raises(ValueError, match=r"z must have shape \(B, 16, 4\)"):
+        BlockInverse(cond_model, 0, z[:, :8])

@@ -26,6 +26,7 @@ really processes and ``dependent_steps`` only calls that read something.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -81,7 +82,7 @@ class BlockInverse(fp.IncrementalMap):
         c = model.config
         _check_arguments(c, block_index, z, guidance, uncond_temperature)
         self.model = model
-        self.block_index = block_index
+        self.block_index = int(block_index)
         self.flow_block: MetaBlock = model.blocks[block_index]
         self.config = c
         self.z = z
@@ -215,19 +216,19 @@ def _read_end(lo: int, hi: int, length: int) -> int:
 
 def _check_arguments(c: TarFlowConfig, block_index: int, z: Tensor, guidance: float,
                      uncond_temperature: float) -> None:
-    if isinstance(block_index, bool) or not isinstance(block_index, int) or not (
+    if isinstance(block_index, bool) or not isinstance(block_index, numbers.Integral) or not (
         0 <= block_index < c.blocks
     ):
-        raise ValueError(f"block index {block_index!r} out of range for {c.blocks} blocks")
+        raise ValueError(f"block_index must be an int in [0, {c.blocks}), got {block_index!r}")
     if not isinstance(z, Tensor) or z.ndim != 3 or z.shape[1:] != (c.seq_len, c.token_dim):
         shape = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
         raise ValueError(f"z must have shape (B, {c.seq_len}, {c.token_dim}), got {shape}")
-    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not (
+    if isinstance(guidance, bool) or not isinstance(guidance, numbers.Real) or not (
         math.isfinite(guidance)
     ):
         raise ValueError(f"guidance must be a finite number, got {guidance!r}")
     if isinstance(uncond_temperature, bool) or not isinstance(
-        uncond_temperature, (int, float)
+        uncond_temperature, numbers.Real
     ) or not (0 < uncond_temperature < math.inf):
         raise ValueError(
             f"uncond_temperature must be a finite number > 0, got {uncond_temperature!r}"
