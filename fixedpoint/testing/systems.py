@@ -643,30 +643,42 @@ class MarkovSystem(TriangularSystem):
 class PoisonedSystem(TriangularSystem):
     """``base`` with ``F(x)[sample, position]`` replaced by ``value`` (``nan`` or ``inf``).
 
-    The solution is non-finite for ``sample`` from ``position`` on and equal to the base
-    solution elsewhere, provided the base keeps non-finite values from flowing backwards
-    (use :class:`AffineAutoregressive` or :class:`MarkovSystem`).
+    ``sample`` and ``position`` may be ints or equally long sequences (one poisoned
+    position per listed sample).  The solution is non-finite for a poisoned sample from
+    its position on and equal to the base solution elsewhere, provided the base keeps
+    non-finite values from flowing backwards (use :class:`AffineAutoregressive` or
+    :class:`MarkovSystem`); the other samples are untouched whatever the base.
     """
 
     def __init__(
         self,
         base: TriangularSystem,
-        sample: int = 0,
-        position: int = 0,
+        sample: int | Sequence[int] = 0,
+        position: int | Sequence[int] = 0,
         value: float = float("nan"),
     ):
-        if not 0 <= sample < base.batch or not 0 <= position < base.length:
-            raise ValueError("sample/position out of range")
+        samples = [sample] if isinstance(sample, int) else list(sample)
+        positions = [position] if isinstance(position, int) else list(position)
+        if len(samples) != len(positions) or not samples:
+            raise ValueError("give one position per poisoned sample")
+        if any(not 0 <= b < base.batch for b in samples) or len(set(samples)) < len(samples):
+            raise ValueError(f"samples must be distinct, in 0..{base.batch - 1}: {samples}")
+        if any(not 0 <= t < base.length for t in positions):
+            raise ValueError(f"positions must be in 0..{base.length - 1}: {positions}")
         if math.isfinite(value):
             raise ValueError("value must be nan or +-inf")
-        self.base, self.sample, self.position, self.value = base, sample, position, value
+        self.base, self.value = base, value
+        self.poisoned = dict(zip(samples, positions))
+        self.sample, self.position = samples[0], positions[0]
         _finish(self, base.batch, base.length, base.dim, base.dtype, base.device)
 
     def __call__(self, x: Tensor) -> Tensor:
         y = self.base(x)
-        if self.position < x.shape[1]:
+        hits = [(b, t) for b, t in self.poisoned.items() if t < x.shape[1]]
+        if hits:
             y = y.clone()
-            y[self.sample, self.position] = self.value
+            for b, t in hits:
+                y[b, t] = self.value
         return y
 
     def select(self, index):
