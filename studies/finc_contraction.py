@@ -56,7 +56,10 @@ def main(argv: list[str] | None = None) -> None:
                         "min_norm": min(v[0] for v in norms)}
         print(f"{name}: ||J||_2 in [{models[name]['min_norm']:.3f}, "
               f"{models[name]['max_norm']:.3f}] over {len(norms)} units")
-    write_json(out_dir / "finc_contraction.json", {"image_size": 8, "models": models})
+    text = "; ".join(f"{name} {m['min_norm']:.2f} to {m['max_norm']:.2f}"
+                     for name, m in models.items())
+    write_json(out_dir / "finc_contraction.json",
+               {"image_size": 8, "models": models, "section_values": {"contraction": text}})
 
 
 if __name__ == "__main__":

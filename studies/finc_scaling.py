@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -42,6 +44,7 @@ from typing import Any
 import torch
 
 import fixedpoint as fp
+from fixedpoint.atomic import atomic_write_bytes
 from fixedpoint.data import DatasetError, load_dataset
 from fixedpoint.finc import FInCFlow, Layout
 from fixedpoint.finc.baselines import dense_bytes, solve_dense, solve_loop, solve_sparse
@@ -390,21 +393,15 @@ def section_values(payload: dict[str, Any]) -> dict[str, str]:
     for key in ("train_min", "params", "units"):
         v.setdefault(f"mnist_{key}", "n/a")
     v["regime"] = payload["regime"]
-    contraction = payload.get("contraction", {}).get("models", {})
-    if contraction:
-        v["contraction"] = "; ".join(
-            f"{name} {m['min_norm']:.2f} to {m['max_norm']:.2f}"
-            for name, m in contraction.items())
-    else:
-        v["contraction"] = "not measured (run studies.finc_contraction)"
+    v["contraction"] = payload.get("contraction", {}).get("section_values", {}).get(
+        "contraction", "not measured (run studies.finc_contraction)")
     return v
 
 
 def render_section(payload: dict[str, Any], out: Path) -> None:
-    from fixedpoint.atomic import atomic_write_bytes
-
-    text = SECTION.read_text().format(**section_values(payload))
-    atomic_write_bytes(out, text.encode())
+    """The section alone, filled (``studies.write_paper`` also places it in paper.md)."""
+    text = re.sub(r"\A<!--.*?-->\s*\n", "", SECTION.read_text(), flags=re.S)
+    atomic_write_bytes(out, text.format(**section_values(payload)).encode())
 
 
 # ---------------------------------------------------------------------------- main
@@ -467,12 +464,19 @@ def main(argv: list[str] | None = None) -> None:
     mode = MODES[args.mode]
     out_dir = Path(mode.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "finc_scaling.json"
     if args.render:
-        payload = read_json(out_dir / "finc_scaling.json")
+        payload = read_json(path)
     else:
         with timed(f"finc_scaling {mode.name}"):
             payload = run(mode, args.mnist_checkpoint)
-        write_json(out_dir / "finc_scaling.json", payload, seed=SEED)
+    # The flat values studies.write_paper fills the section with (studies.finc_contraction
+    # adds its own); on --render they are refreshed, keeping the run's provenance.
+    payload["section_values"] = section_values(payload)
+    if args.render:
+        atomic_write_bytes(path, (json.dumps(payload, indent=2) + "\n").encode())
+    else:
+        write_json(path, payload, seed=SEED)
     contraction = out_dir / "finc_contraction.json"
     if contraction.exists():  # written by studies.finc_contraction from this run's models
         payload["contraction"] = read_json(contraction)
