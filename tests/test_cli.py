@@ -484,6 +484,22 @@ def test_python_dash_m(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_building_the_parser_loads_no_application() -> None:
+    # A fresh interpreter: in this one the tests have imported everything already.
+    code = ("import sys; from fixedpoint.cli import build_parser; build_parser(); "
+            "print(' '.join(sorted(sys.modules)))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    loaded = proc.stdout.split()
+    assert "fixedpoint.cli.tarflow" in loaded and "fixedpoint.cli.demo" in loaded
+    heavy = [m for m in loaded if m.split(".")[0] in ("diffusers", "matplotlib", "scipy")
+             or m.startswith(("fixedpoint.tarflow", "fixedpoint.finc", "fixedpoint.diffusion",
+                              "fixedpoint.quality", "fixedpoint.data", "fixedpoint.testing"))]
+    assert not heavy, heavy
+
+
+@pytest.mark.slow
 def test_closed_pipe_ends_quietly() -> None:
     # `fixedpoint demo | head -1`: the reader leaves after the first line; the next write
     # (unbuffered, so it happens inside main) must end the command without a traceback.

@@ -11,7 +11,8 @@ main() runs the handler with ``--threads`` applied (and the previous thread coun
 restored afterwards) and turns the failures a user meets into one line on stderr:
 :class:`~fixedpoint.cli.common.UserError` and bad arguments exit 2,
 :class:`~fixedpoint.cli.common.CommandFailed` exits 1, Ctrl-C exits 130 (saying whether
-rerunning resumes). Heavy imports happen inside the handlers, so ``--help`` is instant.
+rerunning resumes). Applications are imported inside the handlers, so ``--help`` loads
+none of them (torch itself comes with ``import fixedpoint``, the solver core).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 A group module (``fixedpoint/cli/<app>.py``) reuses these instead of redefining them, so
 that ``--device``, ``--threads`` and friends mean the same everywhere and every numeric
 option refuses NaN, infinities and out-of-range values in the same words. Nothing here
-imports torch at module level: ``fixedpoint --help`` stays instant.
+imports an application or torch at module level (the handlers do, when they run).
 """
 
 from __future__ import annotations
