@@ -257,7 +257,7 @@ def test_metrics_table(checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> 
         (["--strategy", "jacobi", "--atol", "-0.001"], "--atol must be >= 0, got -0.001"),
         (["--strategy", "jacobi", "--rtol", "2"], "--rtol must be in [0, 0.5], got 2"),
         (["--nrow", "0"], "--nrow must be >= 1, got 0"),
-        (["--seed", "-1"], "--seed must be in [0, 9.22337e+18], got -1"),
+        (["--seed", "-1"], "--seed must be in [0, 9223372036854775807], got -1"),
         (["--threads", "0"], "--threads must be >= 1, got 0"),
     ],
 )

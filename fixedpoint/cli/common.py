@@ -55,11 +55,14 @@ def user_errors(*kinds: type[BaseException]) -> Iterator[None]:
 
 
 def _bounds_text(low: float | None, high: float | None, open_low: bool) -> str:
+    def show(v: float) -> str:
+        return str(v) if isinstance(v, int) else f"{v:g}"
+
     if low is not None and high is not None:
-        return f"in {'(' if open_low else '['}{low:g}, {high:g}]"
+        return f"in {'(' if open_low else '['}{show(low)}, {show(high)}]"
     if low is not None:
-        return f"{'>' if open_low else '>='} {low:g}"
-    return f"<= {high:g}"
+        return f"{'>' if open_low else '>='} {show(low)}"
+    return f"<= {show(high)}"
 
 
 def checked_int(low: int | None = None, high: int | None = None) -> Callable[[str], int]:
