@@ -306,15 +306,15 @@ def _strategy(args: argparse.Namespace, config: Any) -> Any:
         raise UserError(f"--modules applies to --strategy gs-jacobi only, not {spec!r}"
                         + (" (a spec sets its own module counts)" if spec.startswith("[")
                            else ""))
-    if name in METHOD_NAMES:
-        return Strategy.uniform(_method(name, args, config.seq_len), config.blocks)
-    if not spec.startswith("["):
+    if name not in METHOD_NAMES and not spec.startswith("["):
         raise UserError(f"bad --strategy {spec!r}: expected one of {', '.join(METHOD_NAMES)} "
                         "or a spec like '[1-4-8-5]' ([Stack-GS-J-Else])")
     try:
+        if name in METHOD_NAMES:
+            return Strategy.uniform(_method(name, args, config.seq_len), config.blocks)
         return Strategy.parse(spec, config.blocks, config.seq_len, atol=args.atol,
                               rtol=args.rtol)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError) as exc:  # a method's own check of its options
         raise UserError(f"bad --strategy {spec!r}: {exc}") from None
 
 
