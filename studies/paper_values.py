@@ -155,6 +155,7 @@ def global_values(mode: Mode) -> dict[str, Any]:
                           else "every study")
     v["run_timings"] = "```\n" + json.dumps(run.get("timings_s", {}), indent=1) + "\n```"
     v["superseded"] = superseded(mode)
+    v.update(costmodel_values(mode))
     conv = {p: load(mode, "convergence", p) for p in ps}
     v["tough_iterations"] = " / ".join(
         f"{conv[p]['iterations_to_budget'][conv[p]['tough_block']]}" for p in ps if conv[p])
@@ -162,12 +163,73 @@ def global_values(mode: Mode) -> dict[str, Any]:
     v["rule_threshold"] = _default(select_strategy, "threshold")
     v["rule_jacobi_cap"] = _default(select_strategy, "jacobi_max_iter")
     v["tough_gain_target"] = TARGET_TOUGH_GAIN
+    rule = {p: next(r for r in speed[p]["rows"] if r["strategy"] == "paper rule") for p in ps}
+    v["paper_rule_devs"] = "; ".join(
+        f"{p} {r['deviation']['max_abs']:.1e}" for p, r in rule.items()) or "no results"
+    v["bf16_finding"] = " ".join(bf16_finding(mode, p) for p in ps)
     return v
+
+
+def bf16_finding(mode: Mode, p: str) -> str:
+    """What raising the tolerance to bfloat16's floor did on model ``p``, in one sentence."""
+    pr = load(mode, "precision", p)
+    if not pr:
+        return ""
+    rows = {r["variant"]: r for r in pr["rows"]}
+    f32, seq = rows["float32 jacobi"], rows["bfloat16 sequential"]
+    raised = rows["bfloat16 jacobi, tolerance raised"]
+    kept = rows["bfloat16 jacobi, tolerance kept"]
+
+    def dev(r: dict) -> float:
+        return r["deviation_from_float32_sequential"]["max_abs"]
+
+    fewer = raised["dependent_steps"] < f32["dependent_steps"]
+    return (f"On {p}, raising it to the floor (atol {raised['tol_used']:.3g}) takes "
+            f"{raised['dependent_steps']} dependent steps against {kept['dependent_steps']} kept "
+            f"and {f32['dependent_steps']} for float32 Jacobi"
+            + (", fewer than float32" if fewer else "")
+            + f", and moves the samples by {dev(raised):.2e} against {dev(seq):.2e} for "
+            "bfloat16 sequential sampling"
+            + ("; the floor taken at the scale of the iterate is coarser than the accuracy "
+               "bfloat16 sequential sampling reaches." if dev(raised) > 2 * dev(seq) else "."))
 
 
 def _default(fn: Callable[..., object], name: str) -> Any:
     """A setting the studies ran with: the default of ``fn``'s parameter ``name``."""
     return inspect.signature(fn).parameters[name].default
+
+
+def costmodel_values(mode: Mode) -> dict[str, Any]:
+    """The cost model on every architecture (``studies.costmodel_check``), if it ran."""
+    cm = load(mode, "costmodel_check")
+    if cm is None:
+        return {}
+    errors, constants = [], []
+    for p, r in cm["models"].items():
+        by = {}
+        for row in r["rows"]:
+            by.setdefault(row["strategy"], []).append(f"{100 * row['error']:+.0f}%")
+        errors.append([p, r["seq_len"], r["weights"], " / ".join(map(str, r["batches"])),
+                       f"{100 * r['mean_abs_error']:.0f}%", f"{100 * r['max_abs_error']:.0f}%",
+                       "; ".join(f"{k} {' / '.join(e)}" for k, e in by.items())])
+        for b, c in r["cost_model"].items():
+            o = c["overhead_s_per_step"]
+            constants.append([p, b, f"{1e3 * c['alpha_s']:.3f}",
+                              f"{1e6 * c['beta_s_per_token']:.2f}",
+                              *(f"{1e3 * o[k]:.3f}" for k in ("Sequential", "Jacobi", "GSJacobi",
+                                                              "TriangularAnderson", "Anderson")),
+                              f"{1e3 * c['per_solve_s']:.2f}", f"{1e3 * c['per_run_s']:.2f}",
+                              f"{c['in_run_factor']:.2f}"])
+    first = next(iter(cm["models"].values()))
+    return {
+        "cm_clock": clock(first), "cm_threads": first["threads"], "cm_repeats": first["repeats"],
+        "cm_errors_table": table(["model", "T", "weights", "batches", "mean abs error",
+                                  "max abs error", "error per strategy and batch"], errors),
+        "cm_constants_table": table(
+            ["model", "batch", "ms per call", "us per token row", "overhead ms/step: Sequential",
+             "Jacobi", "GSJacobi", "TriangularAnderson", "Anderson", "ms per solve",
+             "ms per run", "in-run factor"], constants),
+    }
 
 
 def superseded(mode: Mode) -> str:
@@ -381,7 +443,8 @@ def batch_scaling_part(mode: Mode, p: str) -> str:
                           f"{1e3 * over.get('Jacobi', float('nan')):.3f}",
                           f"{1e3 * over.get('GSJacobi', float('nan')):.3f}",
                           f"{1e3 * over.get('TriangularAnderson', float('nan')):.3f}",
-                          f"{1e3 * cm['per_solve_s']:.2f}", f"{1e3 * cm['per_run_s']:.2f}"])
+                          f"{1e3 * cm['per_solve_s']:.2f}", f"{1e3 * cm['per_run_s']:.2f}",
+                          f"{cm.get('in_run_factor', 1.0):.2f}"])
     return _section(
         "Beyond the paper: speed-up against batch size",
         figure(mode, "batch_scaling", p, f"{p}: speed-up vs sequential (left) and "
@@ -393,12 +456,14 @@ def batch_scaling_part(mode: Mode, p: str) -> str:
         "Cost model (`studies/costmodel.py`), fitted per batch size on calibration noise: "
         "network time per call and per token row from bare calls of block 0's map, solver "
         "overhead per dependent step (per method class) from calibration solves minus that "
-        "network time, a per-solve and a per-run remainder. None of the strategies above is "
-        "used to fit it. Prediction error over the table: mean "
+        "network time, a per-solve remainder, and a per-run cost and in-run factor from two "
+        "whole calibration runs. None of the strategies above is used to fit it. Prediction "
+        "error over the table: mean "
         f"{100 * sc['mean_abs_prediction_error']:.0f}%, max "
         f"{100 * sc['max_abs_prediction_error']:.0f}%.",
         table(["batch", "ms per call", "us per token row", "overhead ms/step: Sequential",
-               "Jacobi", "GSJacobi", "TriangularAnderson", "ms per solve", "ms per run"],
+               "Jacobi", "GSJacobi", "TriangularAnderson", "ms per solve", "ms per run",
+               "in-run factor"],
               cost_rows))
 
 
@@ -433,7 +498,7 @@ def precision_part(mode: Mode, p: str) -> str:
                                if "raised" in r["variant"] and r["tol_used"] is not None}))
     return _section(
         "Beyond the paper: tolerances in bfloat16 (`python -m studies.precision`)",
-        f"Batch {pr['batch']}, guidance {pr['guidance']:g}, CPU, {pr['threads']} threads; "
+        f"Batch {pr['batch']}, guidance {pr['guidance']:g}, CPU, {pr['threads']} thread(s); "
         f"Jacobi with atol {pr['tol']:g} on every block; bfloat16 = autocast (linear layers in "
         f"bfloat16). The bfloat16 noise floor is {pr['noise_floor_bfloat16']:g} at scale 1 and "
         "is taken at the scale of the iterate (the largest token of the scaled noise): a "

@@ -129,8 +129,10 @@ def render(mode: Mode, directory: Path = SECTIONS) -> str:
             continue
         instances = _instances(section, mode, base)
         if instances is None:
-            print(f"write_paper: section {section.name} left out: results "
-                  f"{', '.join(section.results + section.values)} not in {mode.out_dir}")
+            needed = dict.fromkeys(section.results + section.values)  # ordered, unique
+            missing = [n for n in needed if "{model}" in n or not (mode.out_dir / n).exists()]
+            print(f"write_paper: section {section.name} left out: {', '.join(missing)} "
+                  f"not in {mode.out_dir}")
             continue
         parts += [render_section(section, v) for v in instances]
     text = "\n".join(parts)
