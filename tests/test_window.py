@@ -43,7 +43,7 @@ def test_width_at_least_T_is_jacobi(system, extra, data):
 
 
 def test_cost_per_window_on_an_incremental_map():
-    system = fpt.make_system("attention", 1, 48, 4, seed=3)
+    system = fpt.RANDOM_SYSTEMS["attention"](1, 48, 4, seed=3)
     x0 = torch.zeros(1, 48, 4, dtype=system.dtype)
     for width in (1, 4, 12, 48):
         res = fp.solve(system, x0, SlidingWindow(width, **EXACT))
@@ -56,14 +56,14 @@ def test_cost_per_window_on_an_incremental_map():
 
 
 def test_smaller_windows_trade_iterations_for_work():
-    system = fpt.make_system("affine", 1, 64, 3, toughness=0.3, seed=1)
+    system = fpt.RANDOM_SYSTEMS["affine"](1, 64, 3, toughness=0.3, seed=1)
     x0 = torch.zeros(1, 64, 3, dtype=system.dtype)
     its = {w: fp.solve(system, x0, SlidingWindow(w, atol=1e-10, rtol=0.0)) for w in (2, 8, 64)}
     assert its[2].iterations >= its[8].iterations >= its[64].iterations
 
 
 def test_rms_rule_with_per_position_tolerances():
-    system = fpt.make_system("linear", 1, 32, 6, seed=2)
+    system = fpt.RANDOM_SYSTEMS["linear"](1, 32, 6, seed=2)
     x0 = torch.zeros(1, 32, 6, dtype=system.dtype)
     exact = fp.solve(system, x0, fp.Sequential()).x
     atol = torch.logspace(-10, -6, 32, dtype=torch.float64)
@@ -77,7 +77,7 @@ def test_rms_rule_with_per_position_tolerances():
 
 
 def test_nonfinite_sample_is_stopped():
-    system = fpt.make_system("affine", 2, 16, 2, seed=0)
+    system = fpt.RANDOM_SYSTEMS["affine"](2, 16, 2, seed=0)
 
     def poisoned(x):
         y = system(x).clone()
