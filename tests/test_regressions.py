@@ -3,6 +3,7 @@
 import torch
 
 import fixedpoint as fp
+from fixedpoint import testing as fpt
 from fixedpoint.testing import systems
 
 
@@ -35,8 +36,12 @@ def test_accelerated_methods_survive_singular_least_squares_in_float32():
     assert taa.success
     assert float((taa.x - exact).abs().max()) < 1e-5
     aa = fp.solve(s, s.empty(), fp.Anderson(atol=1e-5, ridge=0.0))
-    assert aa.status in (fp.Status.SUCCESS, fp.Status.MAX_ITER)
-    assert torch.isfinite(aa.x).all()
+    # ridge=0 makes the least squares singular once the history repeats; the solve must
+    # still converge (measured: 16 of its 32 allowed iterations), to the float32
+    # agreement tolerance of fixedpoint.testing.
+    assert aa.status is fp.Status.SUCCESS, aa.summary()
+    assert aa.iterations < s.length
+    fpt.assert_close(aa.x, exact, what="Anderson(ridge=0)")
 
 
 def test_a_known_first_position_saves_one_jacobi_iteration():

@@ -44,7 +44,11 @@ def check_result_invariants(res: fp.Result, x0: torch.Tensor, x0_copy: torch.Ten
     worst = max(res.sample_status, key=lambda s: s.value)
     assert res.status is worst
     assert res.iterations == sum(res.module_iterations)
-    assert res.dependent_steps >= 0 and res.token_evals >= 0
+    # Costs: a dependent step is an evaluation (at most one per iteration) that pushed at
+    # least one position of every sample through the map, at most all T of them.
+    assert res.dependent_steps <= res.iterations
+    assert B * res.dependent_steps <= res.token_evals <= B * T * res.dependent_steps
+    assert (res.token_evals == 0) == (res.dependent_steps == 0)
 
 
 # ----------------------------------------------------------------------------------------
