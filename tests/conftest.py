@@ -1,4 +1,6 @@
-"""Shared pytest configuration: hypothesis profiles and the ``slow`` marker.
+"""Shared pytest configuration: hypothesis profiles, threads, the generated-case count.
+
+(The ``slow`` marker is registered once, in pyproject.toml.)
 
 Profiles (choose with the environment variable ``HYPOTHESIS_PROFILE``; the default is
 ``ci`` when ``CI`` is set, else ``dev``):
@@ -12,6 +14,7 @@ Profiles (choose with the environment variable ``HYPOTHESIS_PROFILE``; the defau
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -37,8 +40,26 @@ settings.load_profile(
 )
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: takes more than a few seconds; still run in CI")
+_GENERATED = re.compile(r"during generate phase .*?\n.*?\n\s*- (\d+) passing", re.S)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line with the hypothesis test cases this run generated and passed (summed over
+    the generate phase of every test's statistics, which the hypothesis plugin attaches
+    to each report), so the CI profile's total can be read off every run."""
+    cases = tests = 0
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            stats = report.__dict__.get("_hypothesis_stats")
+            if stats:
+                tests += 1
+                cases += sum(int(n) for n in _GENERATED.findall(stats))
+    if tests:
+        profile = settings.get_current_profile_name()
+        terminalreporter.write_line(
+            f"hypothesis ({profile} profile): {cases} generated test cases passed in "
+            f"{tests} property tests"
+        )
 
 
 @pytest.fixture(autouse=True, scope="module")

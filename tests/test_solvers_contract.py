@@ -78,9 +78,9 @@ def test_user_written_damped_jacobi_matches_sequential(case, damping, exact):
     res = fpt.assert_matches_sequential(case.F, case.x0, method,
                                         reference=case.system.solution())
     assert res.iterations <= case.system.length
-    if damping == 1.0:  # no damping: Jacobi itself, to the bit
+    if damping == 1.0:  # no damping: Jacobi up to rounding (x + (f - x) need not be f)
         jacobi = fp.solve(case.F, case.x0, fp.Jacobi(**tol))
-        assert torch.equal(res.x, jacobi.x) and res.iterations == jacobi.iterations
+        fpt.assert_close(res.x, jacobi.x, what="DampedJacobi(1.0) vs Jacobi")
 
 
 # ---- defaults ------------------------------------------------------------------------

@@ -90,8 +90,21 @@ def test_initial_guess_kinds(kind):
         assert 0 < float((x0 - sol).abs().max()) < 1e-7
     elif kind == "huge":
         assert float(x0.abs().max()) > 100
-    else:
-        assert not torch.equal(x0, sol) or kind == "prefix"
+    elif kind == "noise":
+        assert not (x0 == sol).any(-1).any()
+    else:  # prefix: exact up to some k per sample, nowhere exact after it
+        for b in range(3):
+            exact = (x0[b] == sol[b]).all(-1)
+            k = int(exact.int().cumprod(0).sum())
+            assert not exact[k:].any(), (b, exact)
+
+
+def test_prefix_guesses_cover_empty_partial_and_full_prefixes():
+    system = MarkovSystem.random(1, 10, 2, seed=0)
+    sol = system.solution()
+    strategy = fpt.initial_guesses(system, kinds=("prefix",))
+    for k in (0, 4, 10):
+        one(strategy, lambda x, k=k: int((x[0] == sol[0]).all(-1).int().cumprod(0).sum()) == k)
 
 
 @settings(max_examples=EXAMPLES)
