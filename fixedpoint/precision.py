@@ -31,6 +31,7 @@ __all__ = [
     "PrecisionWarning",
     "arithmetic_name",
     "compute_dtype",
+    "iterate_scale",
     "low_tolerances",
     "meaningful_tolerance",
     "noise_floor",
@@ -98,6 +99,14 @@ def rounding_unit(x: Tensor, *dtypes: torch.dtype) -> float:
             and torch.backends.cuda.matmul.allow_tf32):
         eps = max(eps, TF32_EPS)
     return eps
+
+
+def iterate_scale(x: Tensor) -> float:
+    """The magnitude at which a tolerance on ``x`` is judged: the median over samples of
+    each sample's largest finite entry, at least 1.  The median keeps one outlying
+    sample (a bad start, an overflowing one) from setting the floor for all."""
+    per_sample = torch.nan_to_num(x.detach().abs(), nan=0.0, posinf=0.0).flatten(1).amax(1)
+    return max(float(per_sample.median()), 1.0)
 
 
 def _smallest_positive(value: Any) -> float | None:

@@ -14,6 +14,7 @@ from .methods.base import Method, Problem, clock
 from .precision import (
     PrecisionWarning,
     arithmetic_name,
+    iterate_scale,
     low_tolerances,
     precision_message,
     rounding_unit,
@@ -84,7 +85,7 @@ def solve(
 
 
 def _warn_low_tolerances(method: Method, x0: Tensor, eps: float) -> None:
-    scale = max(float(x0.abs().max()), 1.0)
+    scale = iterate_scale(x0)
     low = low_tolerances(method, eps, scale)
     if low:
         text = precision_message(type(method).__name__, low, eps, False, arithmetic_name(x0))

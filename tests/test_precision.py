@@ -14,7 +14,7 @@ import torch
 from test_tarflow_sampling import make_model
 
 import fixedpoint as fp
-from fixedpoint.precision import NOISE_FLOOR_ULPS, compute_dtype
+from fixedpoint.precision import NOISE_FLOOR_ULPS, compute_dtype, iterate_scale
 from fixedpoint.tarflow import Strategy, TarFlow
 from fixedpoint.tarflow.sampling import reverse
 from fixedpoint.testing import systems
@@ -202,7 +202,7 @@ def bf16_reverse(model, z, method, **kw):
 @pytest.fixture(scope="module")
 def floor(model, z) -> float:
     """The bf16 floor at the scale of the iterate: reverse starts from z * sqrt(var)."""
-    scale = max(float((z * model.var.sqrt()).abs().max()), 1.0)
+    scale = iterate_scale(z * model.var.sqrt())
     return fp.noise_floor(torch.bfloat16, scale)
 
 
@@ -224,12 +224,14 @@ def test_bf16_sampling_warns_once_and_adjusts(model, z, float32_sequential, floo
     assert sum(iters) < sum(kept_iters), (iters, kept_iters)
     assert all(r.status is fp.Status.SUCCESS for r in adjusted.blocks + kept.blocks)
 
-    # Accuracy against float32 sequential sampling (|x| up to 4.1 here): bf16 sequential
-    # sampling itself differs by about 0.03; the bound leaves a 2x margin and is below a
-    # non-converged iterate (order 0.1 - 1).
+    # Accuracy against float32 sequential sampling: bf16 sequential sampling itself
+    # differs by about 0.03; a block stopped at the raised tolerance may add up to the
+    # floor (measured 0.08 in all, 0.07 kept); a non-converged iterate is off by 0.1 - 1.
     assert torch.isfinite(adjusted.x).all()
-    torch.testing.assert_close(adjusted.x, float32_sequential, rtol=0, atol=0.075)
-    torch.testing.assert_close(kept.x, float32_sequential, rtol=0, atol=0.075)
+    bf16_seq, _ = bf16_reverse(model, z, fp.Sequential())
+    own = float((bf16_seq.x - float32_sequential).abs().max())
+    for sample in (adjusted, kept):
+        assert float((sample.x - float32_sequential).abs().max()) <= own + floor
 
 
 def test_precision_warnings_point_at_the_callers_line(model, z):
@@ -276,3 +278,12 @@ def test_float32_sampling_does_not_warn(model, z):
         sample = reverse(model, z, LABELS, guidance=1.0,
                          strategy=Strategy.uniform(fp.Jacobi(atol=1e-4), 4))
     assert [p.method for p in sample.strategy.plans] == [fp.Jacobi(atol=1e-4)] * 4
+
+
+def test_iterate_scale_is_robust_to_an_outlying_sample():
+    x = torch.randn(5, 8, 3, generator=torch.Generator().manual_seed(0))
+    typical = iterate_scale(x)
+    x[2] = 1e30  # one overflowing sample
+    x[3, 0, 0] = float("nan")
+    assert iterate_scale(x) == pytest.approx(typical, rel=0.5)
+    assert iterate_scale(torch.zeros(2, 4, 1)) == 1.0  # never below unit scale

@@ -35,6 +35,7 @@ import fixedpoint as fp
 from fixedpoint.precision import (
     PrecisionWarning,
     arithmetic_name,
+    iterate_scale,
     low_tolerances,
     precision_message,
     raise_to_floor,
@@ -240,13 +241,13 @@ def _solve_block(model: TarFlow, k: int, x: Tensor, y: Tensor | None, plan: Bloc
 def _check_tolerances(model: TarFlow, x: Tensor, strategy: Strategy, adjust: bool) -> Strategy:
     """The strategy with tolerances below the noise floor raised (if ``adjust``).
 
-    The floor is taken at the scale of the iterate (the largest token magnitude of the
+    The floor is taken at the scale of the iterate (fixedpoint.precision.iterate_scale of the
     scaled noise) in the coarsest arithmetic involved (the iterate, the weights,
     autocast).  Emits at most one :class:`PrecisionWarning` for all blocks, pointing at
     the caller of :func:`reverse` (an explicit stack level: reverse calls this directly).
     """
     eps = rounding_unit(x, model.blocks[0].proj_in.weight.dtype)
-    scale = max(float(x.abs().max()), 1.0)
+    scale = iterate_scale(x)
     plans, low_blocks = [], {}
     for k, plan in enumerate(strategy.plans):
         low = low_tolerances(plan.method, eps, scale)
