@@ -217,3 +217,22 @@ def test_failure_contract_keeps_solved_modules_of_a_poisoned_sample():
     assert torch.equal(res.x[1, :8], sequential[1, :8])
     assert torch.equal(res.x[1, 8:], x0[1, 8:])
     assert torch.equal(res.x[0], sequential[0])
+
+
+def test_readme_prefix_method_example_runs():
+    """The README's damped Jacobi on fp.PrefixMethod (section "Synthetic systems and
+    property-based testing") is this file's method: it runs and matches sequential."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("## Synthetic systems and property-based testing", 1)[1]
+    section = section.split("\n## ", 1)[0]
+    (code,) = [c for c in re.findall(r"```python\n(.+?)\n```", section, flags=re.S)
+               if "PrefixMethod" in c]
+    namespace = {"dataclass": dataclass, "fp": fp, "torch": torch}
+    exec(compile(code, "README.md (DampedJacobi)", "exec"), namespace)
+    method = namespace["DampedJacobi"](damping=0.6, atol=0.0, rtol=0.0)
+    system = fpt.RANDOM_SYSTEMS["affine"](3, 20, 2, seed=5)
+    res = fpt.assert_matches_sequential(system, system.noise_guess(seed=1), method)
+    assert res.iterations <= 20
