@@ -105,13 +105,14 @@ def main(argv: list[str] | None = None) -> None:
     mode = MODES[args.mode]
     torch.set_num_threads(1)
     out = {}
+    mode.out_dir.mkdir(parents=True, exist_ok=True)
     for preset in args.models or mode.models:
         with timed(f"costmodel_check {preset}"):
             out[preset] = check(preset, mode, preset in args.untrained)
         print(f"{preset}: mean abs error {100 * out[preset]['mean_abs_error']:.0f}%, "
               f"max {100 * out[preset]['max_abs_error']:.0f}%", flush=True)
-    mode.out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(mode.out_dir / "costmodel_check.json", {"models": out}, seed=SEED)
+        # After every model, so an interrupted run keeps what it measured.
+        write_json(mode.out_dir / "costmodel_check.json", {"models": out}, seed=SEED)
 
 
 if __name__ == "__main__":

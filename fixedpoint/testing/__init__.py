@@ -112,8 +112,6 @@ systems.__class__ = _SystemsModule
 def __getattr__(name: str) -> Any:
     if name in _STRATEGY_NAMES:
         return getattr(importlib.import_module(".strategies", __name__), name)
-    if name == "make_system":
-        return systems.make_system  # deprecated; see its docstring
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

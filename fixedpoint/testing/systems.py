@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -737,19 +736,3 @@ RANDOM_SYSTEMS: dict[str, Callable[..., TriangularSystem]] = {
 the ``kinds`` a strategy (:func:`fixedpoint.testing.strategies.systems`) may draw."""
 
 SYSTEM_KINDS = tuple(RANDOM_SYSTEMS)
-
-
-def make_system(kind: str, batch: int, length: int, dim: int, **options: Any) -> TriangularSystem:
-    """Deprecated: use ``Kind.random(batch, length, dim, ...)`` or ``RANDOM_SYSTEMS[kind]``.
-
-    Kept (out of ``__all__``) only until the last callers move; it will be removed.
-    """
-    warnings.warn(
-        "fixedpoint.testing.make_system(kind, ...) is deprecated: call the system's "
-        "random constructor (e.g. AffineAutoregressive.random) or RANDOM_SYSTEMS[kind]",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    if kind not in RANDOM_SYSTEMS:
-        raise ValueError(f"unknown system kind {kind!r}; expected one of {SYSTEM_KINDS}")
-    return RANDOM_SYSTEMS[kind](batch, length, dim, **options)
