@@ -53,7 +53,17 @@ from fixedpoint.finc.sampling import baseline_inverter, core_inverter, reconstru
 from fixedpoint.finc.train import PRESETS, evaluate_bpd, train
 from fixedpoint.methods.levels import LevelSchedule
 
-from .common import CACHE, MODES, ROOT, Mode, read_json, save_figure, timed, write_json
+from .common import (
+    CACHE,
+    MODES,
+    ROOT,
+    Mode,
+    cached,
+    read_json,
+    save_figure,
+    timed,
+    write_json,
+)
 
 SEED = 0
 KERNELS = (2, 3, 5)
@@ -62,6 +72,10 @@ SIZES = {"fast": (8, 16), "full": (8, 16, 32, 64)}
 DIGITS_EPOCHS = {"fast": 2, "full": 60}
 MNIST_EPOCHS = {"fast": 0.05, "full": None}  # None: the preset (25 epochs)
 DENSE_LIMIT = 2**30
+# Sampling temperature of the flows (Glow's usual 0.7).  At 1.0 the briefly trained MNIST
+# flow overflows float32 inside an affine coupling's inverse for some latents (a division
+# by a scale near 0), and the FInC solve then rightly refuses its non-finite input.
+TEMPERATURE = 0.7
 SECTION = ROOT / "studies" / "sections" / "finc.md"
 
 PUBLISHED = {
@@ -226,7 +240,8 @@ def _flow_rows(model: FInCFlow, test_x: torch.Tensor, repeats: int) -> dict[str,
     out: dict[str, Any] = {"methods": []}
     g = torch.Generator().manual_seed(SEED)
     u_test = model.dequantize(test_x[:100], g)
-    latents100 = model.sample_latents(100, torch.Generator().manual_seed(SEED + 1))
+    latents100 = model.sample_latents(max(BATCHES), torch.Generator().manual_seed(SEED + 1),
+                                      temperature=TEMPERATURE)
     reference = None
     methods: dict[str, Any] = {
         **METHODS,
@@ -407,19 +422,29 @@ def render_section(payload: dict[str, Any], out: Path) -> None:
 # ---------------------------------------------------------------------------- main
 
 
-def run(mode: Mode, mnist_checkpoint: str | None = None) -> dict[str, Any]:
-    torch.set_num_threads(1)
-    repeats = mode.repeats
+def _unit_measurements(mode: Mode, kernels: tuple[int, ...]) -> tuple[list, dict]:
+    """Rows of part 1, each (k, n, batch) cached, so an interrupted run (or one split
+    over processes with ``--kernels``) resumes without remeasuring."""
     unit_rows: list[dict[str, Any]] = []
     models: dict[str, Any] = {}
-    for k in KERNELS:
+    for k in kernels:
         with timed(f"finc digits model k={k}"):
             model, info = _trained("digits", mode, kernel_size=k)
         models[f"digits-k{k}"] = info
         unit = model.finc_units()[-1]
         for n in SIZES[mode.name]:
             for batch in BATCHES:
-                unit_rows += _unit_rows(unit, k, n, batch, repeats)
+                unit_rows += cached(
+                    "finc-unit-rows", (info["checkpoint"], info["steps"], k, n, batch,
+                                       mode.repeats),
+                    lambda u=unit, k=k, n=n, b=batch: _unit_rows(u, k, n, b, mode.repeats))
+    return unit_rows, models
+
+
+def run(mode: Mode, mnist_checkpoint: str | None = None) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    repeats = mode.repeats
+    unit_rows, models = _unit_measurements(mode, KERNELS)
     flows: dict[str, Any] = {}
     digits = load_dataset("digits")
     with timed("finc digits flow sampling"):
@@ -449,6 +474,7 @@ def run(mode: Mode, mnist_checkpoint: str | None = None) -> dict[str, Any]:
             "step_slopes": _slopes(unit_rows, "dependent_steps", min_n=8),
         },
         "flows": flows,
+        "temperature": TEMPERATURE,
         "published": PUBLISHED,
     }
 
@@ -458,6 +484,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mode", choices=MODES, default="fast")
     parser.add_argument("--mnist-checkpoint", default=None,
                         help="use this trained MNIST flow instead of training the preset")
+    parser.add_argument("--kernels", default=None,
+                        help="only measure part 1 for these kernel sizes (e.g. 2,5) into the "
+                             "cache and stop: lets part 1 run in several processes")
     parser.add_argument("--render", action="store_true",
                         help="only redraw the figure and the section from the stored JSON")
     args = parser.parse_args(argv)
@@ -465,6 +494,10 @@ def main(argv: list[str] | None = None) -> None:
     out_dir = Path(mode.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "finc_scaling.json"
+    if args.kernels:
+        torch.set_num_threads(1)
+        _unit_measurements(mode, tuple(int(k) for k in args.kernels.split(",")))
+        return
     if args.render:
         payload = read_json(path)
     else:
