@@ -312,14 +312,14 @@ def _figure(rows: list[dict[str, Any]], path: Path) -> None:
         ax.set_ylabel("seconds (CPU, 1 thread)")
         ax.grid(True, which="both", alpha=0.3)
     ax = axes[2]
-    for name in ("sequential, pixels (core)", "sequential, (pixel, channel) (core)",
-                 "jacobi (core)", "level schedule, pixels (core)",
-                 "level schedule, (pixel, channel) (core)"):
+    for i, name in enumerate(("sequential, pixels (core)", "sequential, (pixel, channel) (core)",
+                              "jacobi (core)", "level schedule, pixels (core)",
+                              "level schedule, (pixel, channel) (core)")):
         for k, style in zip(KERNELS, ("-", "--", ":")):
             pts = sorted((r["n"], r["dependent_steps"]) for r in rows
                          if r["k"] == k and r["batch"] == 1 and r["method"] == name)
             if pts:
-                ax.loglog(*zip(*pts), style, marker=".",
+                ax.loglog(*zip(*pts), style, marker=".", color=f"C{i}",
                           label=f"{name}" if k == 3 else None)
     ax.set_title("dependent steps (k = 2 / 3 / 5: solid / dashed / dotted)")
     ax.set_xlabel("image size n")
