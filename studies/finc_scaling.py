@@ -408,6 +408,7 @@ def section_values(payload: dict[str, Any]) -> dict[str, str]:
     for key in ("train_min", "params", "units"):
         v.setdefault(f"mnist_{key}", "n/a")
     v["regime"] = payload["regime"]
+    v["temperature"] = str(payload.get("temperature", 1.0))
     v["contraction"] = payload.get("contraction", {}).get("section_values", {}).get(
         "contraction", "not measured (run studies.finc_contraction)")
     return v
