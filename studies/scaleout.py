@@ -31,7 +31,7 @@ import torch
 
 from fixedpoint.tarflow.generate import load_samples
 
-from .common import CACHE, ROOT, Mode, read_json, study_main, write_json
+from .common import CACHE, ROOT, Mode, key, read_json, study_main, write_json
 from .lib import GUIDANCE, SEED, TOL, trained
 
 WAYS = {
@@ -79,7 +79,9 @@ def _run(way: str, checkpoint: str, out: Path, n: int, shard: int,
 def run_model(preset: str, mode: Mode) -> dict[str, Any]:
     t = trained(preset, mode)
     n, shard, strategies = _settings(preset, mode)
-    base = CACHE / "scaleout" / preset
+    # One scratch folder per output directory: a fast run (the smoke test) and a full run
+    # at the same time must not write each other's shards.
+    base = CACHE / "scaleout" / key(str(mode.out_dir), mode.name) / preset
     # The smoke run only checks that the pipeline works: one round.
     repeats = 1 if mode.name == "fast" else mode.repeats
     results: dict[str, Any] = {}

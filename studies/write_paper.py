@@ -4,7 +4,9 @@
 
 The prose lives in ``studies/sections/*.md``; every number in it is a ``{placeholder}``
 filled with :meth:`str.format_map` from a flat dict of values read from the results
-(``{budget:g}`` formats a number; ``{{`` and ``}}`` are literal braces).  A section
+(``{budget:g}`` formats a number).  A placeholder is ``{name}`` or ``{name:spec}`` with
+``name`` an identifier; every other brace is literal text (``A_{n+1}`` in a formula), and
+``{{`` / ``}}`` stay available for a literal ``{name}``.  A section
 starts with one header line
 
     <!-- paper: order=50 results=finc_scaling.json values=finc_scaling.json per=model -->
@@ -41,6 +43,7 @@ from .common import FULL, MODES, ROOT, Mode, atomic_write_bytes
 PAPER = ROOT / "paper" / "paper.md"
 SECTIONS = ROOT / "studies" / "sections"
 HEADER = re.compile(r"\A<!--\s*paper:(?P<body>[^>]*)-->\s*\n")
+PLACEHOLDER = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*(?::[^{}]*)?\}")
 
 
 class TemplateError(ValueError):
@@ -79,10 +82,16 @@ class Section:
         return cls(path.stem, raw[m.end():], order, tuple(opts.get("results", ())),
                    tuple(opts.get("values", ())), per == ["model"])
 
+    def template(self) -> str:
+        """The text in :meth:`str.format` syntax: braces that are no placeholder doubled."""
+        parts = re.split(r"(\{\{|\}\}|" + PLACEHOLDER.pattern + ")", self.text)
+        return "".join(p if i % 2 else p.replace("{", "{{").replace("}", "}}")
+                       for i, p in enumerate(parts))
+
     def placeholders(self) -> set[str]:
         """Names of the fields the template uses (``{name}``, ``{name:fmt}``)."""
         return {f.split(".")[0].split("[")[0]
-                for _, f, _, _ in string.Formatter().parse(self.text) if f}
+                for _, f, _, _ in string.Formatter().parse(self.template()) if f}
 
 
 def sections(directory: Path = SECTIONS) -> list[Section]:
@@ -94,7 +103,7 @@ def render_section(section: Section, values: Mapping[str, Any]) -> str:
     missing = sorted(section.placeholders() - set(values))
     if missing:
         raise TemplateError(f"section {section.name}: no value for {', '.join(missing)}")
-    return section.text.format_map(values).strip() + "\n"
+    return section.template().format_map(values).strip() + "\n"
 
 
 def _instances(section: Section, mode: Mode, base: dict[str, Any]
