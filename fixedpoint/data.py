@@ -61,7 +61,7 @@ DATASETS = ("digits", "mnist")
 _IMAGES_MAGIC = 0x00000803
 _LABELS_MAGIC = 0x00000801
 
-_REPO_ROOT = Path(__file__).resolve().parents[2]
+_REPO_ROOT = Path(__file__).resolve().parents[1]
 MNIST_ENV = "FIXEDPOINT_MNIST_DIR"
 
 

@@ -123,7 +123,8 @@ def main() -> int:
     p.add_argument("--json", type=Path, help="write the medians here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
-    ckpt = args.checkpoint if args.checkpoint and Path(args.checkpoint).exists() else None
+    found = bool(args.checkpoint) and Path(args.checkpoint).exists()
+    ckpt = str(Path(args.checkpoint).resolve()) if found else None
     if args.worker:
         print(json.dumps(measure(ckpt, args.repeats)))
         return 0
