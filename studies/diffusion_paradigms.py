@@ -333,8 +333,9 @@ def run(argv: list[str] | None = None, models: tuple[str, ...] | None = None) ->
         note = (
             "The same table for the MNIST model is in `results/diffusion_paradigms-mnist.json`."
             if "mnist" in results
-            else "No MNIST model is part of this run (its files were missing, or the run was "
-            "restricted to digits), so the issue's MNIST rows are not measured here."
+            else "No trained MNIST model was available to this run (`fixedpoint diffusion "
+            "train --preset mnist` trains one; a rerun then adds its table), so the issue's "
+            "MNIST rows are not measured here."
         )
         results["digits"]["section_values"]["par_mnist_note"] = note
         write_json(out_path(mode, "diffusion_paradigms-digits.json"), results["digits"], seed=0)
