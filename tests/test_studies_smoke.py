@@ -33,10 +33,13 @@ def test_fast_reproduction_runs_every_study(tmp_path):
     # Honest costs: x_0 = z_0 needs no call, so sequential takes T - 1 steps per block.
     assert rows["sequential"]["dependent_steps"] == speed["blocks"] * (speed["seq_len"] - 1)
     conv = json.loads((out / "convergence-digits.json").read_text())
-    # The default tolerance never takes more iterations than exact termination, and ends
-    # within the budget of the sequential solution.
-    exact = [len(c["error"]) for c in conv["jacobi"]]
-    assert all(d <= e for d, e in zip(conv["default_iterations"], exact, strict=True))
+    # The default tolerance is never slower than sequential (finite termination caps each
+    # block at T iterations, and one of them reads no input) and ends within the budget of
+    # the sequential solution.  (Per block it is not compared with exact termination: the
+    # blocks are chained, so the two runs invert slightly different systems after block
+    # K-1, and iteration counts of different systems obey no inequality.)
+    assert all(d <= conv["seq_len"] for d in conv["default_iterations"])
+    assert conv["default_dependent_steps"] <= rows["sequential"]["dependent_steps"]
     assert conv["default_max_deviation"] <= speed["budget"]
     scale = json.loads((out / "scaleout-digits.json").read_text())
     rows = {r["way"]: r for r in scale["strategies"]["sequential"]}
