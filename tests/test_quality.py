@@ -13,6 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fixedpoint.data import Dataset, load_dataset
 from fixedpoint.quality import (
     ClassifierCacheError,
     FeatureClassifier,
@@ -28,7 +29,6 @@ from fixedpoint.quality import (
     load_classifier,
     train_classifier,
 )
-from fixedpoint.data import Dataset, load_dataset
 
 # Measured with the default settings (seed 0, 40 epochs): 0.9833 on the 300 test digits.
 # The bound leaves room for a different torch build rounding differently.
