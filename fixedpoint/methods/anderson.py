@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .base import Method, Problem
-from .linalg import own_precision, ridge_solve
+from .linalg import check_history, own_precision, ridge_solve
 from .tolerance import Tolerance, ToleranceLike, check_max_iter, check_tolerance
 
 __all__ = ["Anderson"]
@@ -40,10 +40,7 @@ class Anderson(Method):
         check_tolerance("atol", self.atol)
         check_tolerance("rtol", self.rtol)
         check_max_iter(self.max_iter)
-        if not isinstance(self.memory, int) or isinstance(self.memory, bool) or self.memory < 1:
-            raise ValueError(f"memory must be a positive int, got {self.memory!r}")
-        if not self.ridge >= 0:
-            raise ValueError(f"ridge must be >= 0, got {self.ridge!r}")
+        check_history(self.memory, self.ridge)
         if not 0 < self.damping <= 1:
             raise ValueError(f"damping must be in (0, 1], got {self.damping!r}")
         if not self.growth >= 1:

@@ -7,7 +7,15 @@ import contextlib
 import torch
 from torch import Tensor
 
-__all__ = ["own_precision", "relative_ridge", "ridge_solve"]
+__all__ = ["check_history", "own_precision", "relative_ridge", "ridge_solve"]
+
+
+def check_history(memory: int, ridge: float) -> None:
+    """Validate an Anderson-type method's history length and ridge."""
+    if not isinstance(memory, int) or isinstance(memory, bool) or memory < 1:
+        raise ValueError(f"memory must be a positive int, got {memory!r}")
+    if not ridge >= 0:
+        raise ValueError(f"ridge must be >= 0, got {ridge!r}")
 
 
 def relative_ridge(ridge: float, dtype: torch.dtype) -> float:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .base import Problem
-from .linalg import own_precision, ridge_solve
+from .linalg import check_history, own_precision, ridge_solve
 from .sweep import PrefixMethod
 from .tolerance import ToleranceLike, check_max_iter, check_tolerance
 
@@ -34,10 +34,7 @@ class TriangularAnderson(PrefixMethod):
         check_tolerance("atol", self.atol)
         check_tolerance("rtol", self.rtol)
         check_max_iter(self.max_iter)
-        if not isinstance(self.memory, int) or isinstance(self.memory, bool) or self.memory < 1:
-            raise ValueError(f"memory must be a positive int, got {self.memory!r}")
-        if not self.ridge >= 0:
-            raise ValueError(f"ridge must be >= 0, got {self.ridge!r}")
+        check_history(self.memory, self.ridge)
 
     def proposer(self, problem: Problem, lo0: int, hi: int) -> _History:
         return _History(self.memory, self.ridge, problem, lo0, hi)
