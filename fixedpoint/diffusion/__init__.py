@@ -11,10 +11,31 @@ are whole images, solved by the same core as every other application.
 * :mod:`.maps`: a chain as an incremental triangular map, Markov and Picard forms;
 * :mod:`.sampling`: the sequential loop, the solver route, diffusers' loop for parity;
 * :mod:`.train`: DDPM training with exact resume; :mod:`.diagnostics`: the wavefront.
+* :mod:`.flow`: the flow-matching (velocity) UNet; :mod:`.boss`: both models' ODE in one
+  time, reference trajectories, and BOSS's Bellman-optimal Euler step sizes.
 """
 
+from .boss import (
+    BossError,
+    BossGrid,
+    FlowEulerChain,
+    NoiseFlow,
+    ProbabilityFlow,
+    Reference,
+    VelocityFlow,
+    boss_grid,
+    boss_grids,
+    cost_matrix,
+    flow_sample,
+    load_flow,
+    optimal_steps,
+    probability_flow,
+    reference_trajectories,
+    straighten,
+)
 from .chain import Chain, DDIMChain, DDPMChain, EulerChain, HeunChain
 from .diagnostics import RecordingMap, error_by_step, network_call_seconds
+from .flow import FlowModel, load_flow_model
 from .maps import ChainMap, MarkovMap, PicardMap
 from .mixture import GaussianMixture, MixtureDenoiser
 from .model import DiffusionModel, ModelError, UNetConfig, UNetDenoiser, load_model, tiny_model
@@ -29,6 +50,24 @@ from .sampling import (
 from .schedule import NoiseSchedule, ScheduleError
 
 __all__ = [
+    "BossError",
+    "BossGrid",
+    "FlowEulerChain",
+    "FlowModel",
+    "NoiseFlow",
+    "ProbabilityFlow",
+    "Reference",
+    "VelocityFlow",
+    "boss_grid",
+    "boss_grids",
+    "cost_matrix",
+    "flow_sample",
+    "load_flow",
+    "load_flow_model",
+    "optimal_steps",
+    "probability_flow",
+    "reference_trajectories",
+    "straighten",
     "Chain",
     "ChainMap",
     "DDIMChain",

@@ -132,6 +132,8 @@ class DiffusionModel:
     schedule: NoiseSchedule
     meta: dict[str, Any] = field(default_factory=dict)
 
+    prediction = "epsilon"  # class constant: the network predicts the noise
+
     @classmethod
     def new(
         cls, config: UNetConfig, schedule: NoiseSchedule | None = None, **meta: Any
@@ -199,6 +201,13 @@ def load_model(directory: str | os.PathLike[str], *, device: str = "cpu") -> Dif
             f"{directory} is not a diffusers model: no unet/config.json or config.json in it"
         )
     unet_config = _read_json(unet_dir / "config.json")
+    if (directory / META).is_file():
+        prediction = _read_json(directory / META).get("prediction", "epsilon")
+        if prediction != "epsilon":
+            raise ModelError(
+                f"{directory} holds a {prediction} (flow-matching) model; a noise (epsilon) "
+                "model is needed here"
+            )
     if unet_config.get("_class_name") != "UNet2DModel":
         raise ModelError(
             f"{unet_dir / 'config.json'} describes {unet_config.get('_class_name')!r}, "

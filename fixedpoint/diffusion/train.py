@@ -13,6 +13,12 @@ the losses so far) is written atomically to ``<out_dir>/train_state.pt``; rerunn
 same command continues from it bit for bit.  A finished run also holds the EMA model in
 diffusers' layout in ``<out_dir>/model`` (see :mod:`fixedpoint.diffusion.model`) and its
 test loss (noise-prediction MSE on the held-out images, at fixed timesteps and noise).
+
+``objective = Objective.VELOCITY`` trains a flow-matching (rectified-flow) model instead
+(:mod:`fixedpoint.diffusion.flow`): ``t`` uniform in ``[0, 1]``, ``x_t = (1 - t) x0 + t
+eps`` and the UNet, at timestep ``1000 t``, regressed on the velocity ``eps - x0``; its
+test loss is that velocity MSE.  Presets ``flow-digits`` and ``flow-mnist``.  Everything
+else (EMA, label drop, checkpoints, resume) is shared; the epsilon presets are unchanged.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +39,30 @@ from torch import Tensor
 
 from ..atomic import atomic_torch_save, atomic_write_bytes
 from ..data import Dataset, load_dataset
+from .flow import FlowModel, load_flow_model
 from .model import DiffusionModel, UNetConfig, load_model
 from .schedule import NoiseSchedule
 
-__all__ = ["PRESETS", "TrainConfig", "TrainError", "TrainOutcome", "pad_images", "train"]
+__all__ = [
+    "PRESETS",
+    "Objective",
+    "TrainConfig",
+    "TrainError",
+    "TrainOutcome",
+    "pad_images",
+    "train",
+]
 
 
 class TrainError(ValueError):
     """A training request that cannot be honoured."""
+
+
+class Objective(str, Enum):
+    """What the UNet learns to predict."""
+
+    EPSILON = "epsilon"  # DDPM: the noise, on the DDPM schedule
+    VELOCITY = "velocity"  # flow matching: eps - x0 on the linear path
 
 
 @dataclass(frozen=True)
@@ -60,6 +83,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     out_dir: str = ".cache/diffusion/digits"
     data_dir: str | None = None
+    objective: Objective = Objective.EPSILON
 
     _RUNTIME_ONLY = ("checkpoint_every", "out_dir", "data_dir")
 
@@ -68,6 +92,11 @@ class TrainConfig:
         for key in self._RUNTIME_ONLY:
             d.pop(key)
         d["unet"]["channels"] = list(d["unet"]["channels"])
+        # The epsilon identity stays what it was before flow models existed, so saved
+        # training states of noise models keep resuming.
+        objective = Objective(d.pop("objective"))
+        if objective is not Objective.EPSILON:
+            d["objective"] = objective.value
         return d
 
     def validate(self) -> None:
@@ -80,6 +109,13 @@ class TrainConfig:
             raise TrainError(f"label_drop must be in [0, 1], got {self.label_drop}")
         if self.lr <= 0 or self.warmup < 0:
             raise TrainError("lr must be > 0 and warmup >= 0")
+        try:
+            Objective(self.objective)
+        except ValueError:
+            raise TrainError(
+                f"objective must be one of {', '.join(o.value for o in Objective)}, "
+                f"got {self.objective!r}"
+            ) from None
 
 
 PRESETS: dict[str, TrainConfig] = {
@@ -93,6 +129,19 @@ PRESETS: dict[str, TrainConfig] = {
         batch_size=32,
         lr=2e-3,
         out_dir=".cache/diffusion/mnist",
+    ),
+    # The same UNets and training settings, trained as rectified flows (velocity target).
+    "flow-digits": TrainConfig(
+        objective=Objective.VELOCITY, out_dir=".cache/diffusion/flow-digits"
+    ),
+    "flow-mnist": TrainConfig(
+        dataset="mnist",
+        unet=UNetConfig(sample_size=28, channels=(16, 32), num_classes=10),
+        steps=2500,
+        batch_size=32,
+        lr=2e-3,
+        objective=Objective.VELOCITY,
+        out_dir=".cache/diffusion/flow-mnist",
     ),
 }
 
@@ -139,12 +188,37 @@ def diffusion_loss(
     return nnf.mse_loss(model.unet(noisy, t, class_labels=labels).sample, eps)
 
 
+def flow_loss(model: FlowModel, x: Tensor, labels: Tensor | None, gen: torch.Generator) -> Tensor:
+    """Flow matching on the linear path: regress the UNet at ``(x_t, 1000 t)`` on ``eps - x``."""
+    t = torch.rand((len(x),), generator=gen)
+    eps = torch.randn(x.shape, generator=gen)
+    tb = t[:, None, None, None]
+    noisy = (1 - tb) * x + tb * eps
+    out = model.unet(noisy, t * model.num_train_timesteps, class_labels=labels).sample
+    return nnf.mse_loss(out, eps - x)
+
+
+def _loss_fn(model: DiffusionModel | FlowModel) -> Any:
+    """``loss(x, labels, gen)`` of the model's objective (read from what it predicts)."""
+    if model.prediction == Objective.VELOCITY.value:
+        return lambda x, labels, gen: flow_loss(model, x, labels, gen)
+    scheduler = model.schedule.ddpm_scheduler()
+    return lambda x, labels, gen: diffusion_loss(model, scheduler, x, labels, gen)
+
+
+def _new_model(cfg: TrainConfig, data: Dataset) -> DiffusionModel | FlowModel:
+    meta = {"dataset": data.name, "data_size": data.image_size}
+    if Objective(cfg.objective) is Objective.VELOCITY:
+        return FlowModel.new(cfg.unet, **meta)
+    return DiffusionModel.new(cfg.unet, NoiseSchedule.default(), **meta)
+
+
 @torch.no_grad()
 def test_loss(
-    model: DiffusionModel, data: Dataset, size: int, seed: int, batch: int = 500
+    model: DiffusionModel | FlowModel, data: Dataset, size: int, seed: int, batch: int = 500
 ) -> float:
-    """Noise-prediction MSE on the test images at seeded timesteps and noise."""
-    scheduler = model.schedule.ddpm_scheduler()
+    """The objective's MSE (noise or velocity) on the test images at seeded times and noise."""
+    loss = _loss_fn(model)
     gen = torch.Generator().manual_seed(seed)
     x_all = pad_images(data.test_x, size)
     total, count = 0.0, 0
@@ -152,7 +226,7 @@ def test_loss(
     for i in range(0, len(x_all), batch):
         x = x_all[i : i + batch]
         labels = data.test_y[i : i + batch] if conditional else None
-        total += float(diffusion_loss(model, scheduler, x, labels, gen)) * len(x)
+        total += float(loss(x, labels, gen)) * len(x)
         count += len(x)
     return total / count
 
@@ -187,15 +261,11 @@ def train(
     model_dir = out / "model"
 
     torch.manual_seed(cfg.seed)
-    model = DiffusionModel.new(
-        cfg.unet, NoiseSchedule.default(), dataset=data.name, data_size=data.image_size
-    )
-    ema = DiffusionModel.new(
-        cfg.unet, NoiseSchedule.default(), dataset=data.name, data_size=data.image_size
-    )
+    model = _new_model(cfg, data)
+    ema = _new_model(cfg, data)
     ema.unet.load_state_dict(model.unet.state_dict())
     ema.unet.requires_grad_(False)
-    scheduler = model.schedule.ddpm_scheduler()
+    loss_fn = _loss_fn(model)
     optimizer = torch.optim.AdamW(model.unet.parameters(), lr=cfg.lr, weight_decay=0.0)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr(s, cfg))
     gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -257,7 +327,7 @@ def train(
         bar = tqdm(
             total=cfg.steps,
             initial=step,
-            desc=f"train diffusion {data.name}",
+            desc=f"train {'flow' if model.prediction == 'velocity' else 'diffusion'} {data.name}",
             unit="step",
             dynamic_ncols=True,
             disable=None,
@@ -280,7 +350,7 @@ def train(
                 labels = data.train_y[idx].clone()
                 drop = torch.rand(len(idx), generator=gen) < cfg.label_drop
                 labels[drop] = cfg.unet.num_classes
-            loss = diffusion_loss(model, scheduler, x, labels, gen)
+            loss = loss_fn(x, labels, gen)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.unet.parameters(), cfg.grad_clip)
@@ -334,6 +404,8 @@ def train(
     return TrainOutcome(model_dir, loss_test, step, resumed_from, train_time, parameters)
 
 
-def load_trained(cfg: TrainConfig) -> DiffusionModel:
-    """The EMA model of a finished run of ``cfg``."""
+def load_trained(cfg: TrainConfig) -> DiffusionModel | FlowModel:
+    """The EMA model of a finished run of ``cfg`` (a :class:`FlowModel` for velocity)."""
+    if Objective(cfg.objective) is Objective.VELOCITY:
+        return load_flow_model(Path(cfg.out_dir) / "model")
     return load_model(Path(cfg.out_dir) / "model")
