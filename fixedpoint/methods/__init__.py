@@ -12,6 +12,7 @@ from .base import Method, Problem
 from .gs_jacobi import GSJacobi, Modules
 from .jacobi import Jacobi
 from .levels import LevelSchedule, PositionMap
+from .newton import Newton
 from .sequential import Sequential
 from .sweep import PrefixMethod, PrefixState, Proposer
 from .tolerance import Tolerance, ToleranceLike
@@ -25,6 +26,7 @@ __all__ = [
     "LevelSchedule",
     "Method",
     "Modules",
+    "Newton",
     "PositionMap",
     "PrefixMethod",
     "PrefixState",
