@@ -95,3 +95,38 @@ def test_nonfinite_sample_is_stopped():
 def test_bad_width(bad):
     with pytest.raises(ValueError, match="width"):
         SlidingWindow(bad)
+
+
+# ---- triangular Anderson on a sliding window (ParaTAA's pairing) ----------------------
+
+
+@given(fpt.systems(max_length=40), st.integers(1, 48), st.integers(1, 4), st.data())
+def test_windowed_triangular_anderson_reaches_the_sequential_solution(
+    system, width, memory, data
+):
+    x0 = data.draw(fpt.initial_guesses(system))
+    method = fp.TriangularAnderson(memory=memory, ridge=1e-6, window_width=width, **EXACT)
+    res = fpt.assert_matches_sequential(system, x0, method)
+    assert res.iterations <= system.length
+    assert res.dependent_steps <= res.iterations
+
+
+@given(fpt.systems(max_length=40), st.integers(0, 8), st.data())
+def test_windowed_triangular_anderson_with_width_at_least_T_is_the_plain_one(
+    system, extra, data
+):
+    x0 = data.draw(fpt.initial_guesses(system))
+    plain = fp.solve(system, x0, fp.TriangularAnderson(memory=2, ridge=1e-6, **EXACT))
+    wide = fp.solve(
+        system, x0,
+        fp.TriangularAnderson(memory=2, ridge=1e-6, window_width=system.length + extra, **EXACT),
+    )
+    assert torch.equal(wide.x, plain.x)
+    assert wide.iterations == plain.iterations
+    assert wide.token_evals == plain.token_evals
+
+
+@pytest.mark.parametrize("width", [0, -1, 1.5, True])
+def test_windowed_triangular_anderson_rejects_bad_widths(width):
+    with pytest.raises(ValueError, match="window_width"):
+        fp.TriangularAnderson(window_width=width)
