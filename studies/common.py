@@ -38,7 +38,10 @@ class Mode:
     name: str
     models: tuple[str, ...]          # training presets, see fixedpoint.tarflow.train.PRESETS
     epochs: dict[str, float]          # epochs per preset (overrides the preset's default)
-    eval_batch: int                  # samples per quality / deviation measurement
+    eval_batch: int                  # samples per deviation measurement
+    # Samples per quality row (FCD, class accuracy), per seed: the metric's own noise is
+    # the difference between two seeds, and must be smaller than the differences judged.
+    quality_samples: int
     batch_sizes: tuple[int, ...]     # for the speed-up vs batch size study
     repeats: int                     # wall-clock repeats (median)
     out_dir: Path
@@ -49,6 +52,7 @@ FAST = Mode(
     models=("digits", "mnist-p4"),
     epochs={"digits": 4, "mnist-p4": 0.5, "mnist-p2": 0.5},
     eval_batch=16,
+    quality_samples=32,
     batch_sizes=(1, 8),
     repeats=2,
     out_dir=ROOT / ".cache" / "fast-output",
@@ -60,6 +64,9 @@ FULL = Mode(
     # Sized so that training all three fits the 90-minute budget on 2 CPU cores.
     epochs={"digits": 60, "mnist-p4": 8, "mnist-p2": 6},
     eval_batch=256,
+    # About a second per 64 samples at T = 49 (twice that with guidance): 2,000 samples
+    # keep the binomial noise of an accuracy near 50% at about 1 percentage point.
+    quality_samples=2000,
     batch_sizes=(1, 8, 64, 256),
     repeats=3,
     out_dir=ROOT / "paper" / "results",
@@ -68,18 +75,23 @@ FULL = Mode(
 MODES = {"fast": FAST, "full": FULL}
 
 
-# What a reproduction run rewrites itself: changes there do not make the checkout dirty.
-RUN_OUTPUTS = ("paper/results", "paper/paper.md")
+# What the studies rewrite themselves (paper/results, paper/paper.md, paper/finc.md:
+# everything under paper/ is generated): changes there do not make the checkout dirty.
+RUN_OUTPUTS = ("paper",)
 
 
-def git_revision() -> str:
-    """``HEAD``'s short hash, ``-dirty`` if tracked files other than the outputs changed."""
+def git_revision(root: Path = ROOT, outputs: tuple[str, ...] = RUN_OUTPUTS) -> str:
+    """``HEAD``'s short hash, ``-dirty`` if tracked files other than ``outputs`` changed.
+
+    ``outputs`` are paths relative to ``root`` (the repository's top level).  Untracked
+    files are ignored (a new result file is an output too).
+    """
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
                              capture_output=True, text=True, timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
-                                ".", *(f":(exclude){p}" for p in RUN_OUTPUTS)],
-                               cwd=ROOT, capture_output=True, text=True, timeout=10).stdout
+                                ".", *(f":(exclude){p}" for p in outputs)],
+                               cwd=root, capture_output=True, text=True, timeout=10).stdout
         return (rev or "unknown") + ("-dirty" if dirty.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"

@@ -154,6 +154,10 @@ def global_values(mode: Mode) -> dict[str, Any]:
     v["run_selection"] = ("studies " + ", ".join(run["only"]) if run.get("only")
                           else "every study")
     v["run_timings"] = "```\n" + json.dumps(run.get("timings_s", {}), indent=1) + "\n```"
+    v["run_record"] = run_record(run)
+    n = len(run.get("invocations", []))
+    v["run_scope"] = (f"summed over its {n} invocation(s)" if n else
+                      "in its last invocation (this record predates the run record)")
     v["superseded"] = superseded(mode)
     v.update(costmodel_values(mode))
     conv = {p: load(mode, "convergence", p) for p in ps}
@@ -230,6 +234,26 @@ def costmodel_values(mode: Mode) -> dict[str, Any]:
              "Jacobi", "GSJacobi", "TriangularAnderson", "Anderson", "ms per solve",
              "ms per run", "in-run factor"], constants),
     }
+
+
+def run_record(run: dict[str, Any]) -> str:
+    """What the run record says about completeness, the cache and the invocations."""
+    invocations = run.get("invocations")
+    if invocations is None:  # a record written before run.json tracked resumed runs
+        return ("It does not say whether the run was complete or started from an empty "
+                "cache.")
+    parts = [f"{sum(bool(i['interrupted']) for i in invocations)} invocation(s) were "
+             f"interrupted; the steps below add up to {run['steps_s'] / 60:.1f} minutes."]
+    parts.append("It is complete (every model trained, every study finished)."
+                 if run.get("complete") else
+                 "It is not complete: missing " + ", ".join(run.get("missing", [])) + ".")
+    parts.append("It started from an empty cache (every model and classifier trained "
+                 "within it)." if run.get("from_empty_cache") else
+                 "It did not start from an empty cache: trained models or classifiers "
+                 "cached earlier were reused, so the total leaves their training out.")
+    revs = sorted({i["git_revision"] for i in invocations})
+    parts.append("Revision(s): " + ", ".join(f"`{r}`" for r in revs) + ".")
+    return " ".join(parts)
 
 
 def superseded(mode: Mode) -> str:
