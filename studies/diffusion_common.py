@@ -16,14 +16,25 @@ from fixedpoint.diffusion import ChainMap, solve_chain
 from .common import MODES, Mode
 
 TOLERANCES = (3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 1e-6)
+# Classifier-free guidance strength with which the studies sample the class-conditional
+# models (each network call then evaluates a conditional and an unconditional row).
+GUIDANCE = 2.0
+
+
+def parse_args(doc: str, argv: list[str] | None = None) -> argparse.Namespace:
+    """``--mode`` and ``--models`` (the trained models to study; default: every one
+    available, see :func:`model_names`); fixes torch to one thread."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--mode", choices=MODES, default="fast")
+    parser.add_argument("--models", nargs="+", choices=("digits", "mnist"), default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    args.mode = MODES[args.mode]
+    return args
 
 
 def parse(doc: str, argv: list[str] | None = None) -> Mode:
-    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-    parser.add_argument("--mode", choices=MODES, default="fast")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    return MODES[args.mode]
+    return parse_args(doc, argv).mode
 
 
 def out_path(mode: Mode, name: str) -> Path:

@@ -30,7 +30,7 @@ from fixedpoint.diffusion import (
 from fixedpoint.diffusion.diagnostics import RecordingMap, error_by_step
 
 from .common import save_figure, write_json
-from .diffusion_common import md_table, out_path, parse, trained_model
+from .diffusion_common import GUIDANCE, md_table, out_path, parse, trained_model
 
 EXACT = dict(atol=0.0, rtol=0.0)
 
@@ -56,11 +56,13 @@ def methods(steps: int, window: int, cap: int) -> dict:
     }
 
 
-def curves(den, chain, x, noise, labels, window, cap) -> dict:
-    exact = sample_loop(chain, den, x, noise, labels=labels, trajectory=True)
+def curves(den, chain, x, noise, labels, window, cap, guidance=None) -> dict:
+    exact = sample_loop(
+        chain, den, x, noise, labels=labels, guidance=guidance, trajectory=True
+    )
     out = {}
     for name, (form, method) in methods(len(chain), window, cap).items():
-        rec = RecordingMap(form(chain, den, x, noise, labels=labels))
+        rec = RecordingMap(form(chain, den, x, noise, labels=labels, guidance=guidance))
         res = solve_chain(rec, method)
         grid = error_by_step(rec.iterates, res.result.x, exact)
         out[name] = {
@@ -88,7 +90,7 @@ def run(argv: list[str] | None = None) -> dict:
         noise = torch.randn(1, n, *model.sample_shape, generator=g) if chain.stochastic else None
         window = 20
         results[f"digits {chain.name}-{n}"] = curves(
-            den, chain, x, noise, torch.tensor([3]), window, cap
+            den, chain, x, noise, torch.tensor([3]), window, cap, GUIDANCE
         )
     schedule = NoiseSchedule.default()
     mixture = GaussianMixture.random(256, components=8, seed=0)
@@ -99,7 +101,8 @@ def run(argv: list[str] | None = None) -> dict:
     payload = {
         "cap": cap,
         "results": results,
-        "regime": "CPU, 1 thread; float32 (digits UNet), float64 (mixture)",
+        "regime": f"CPU, 1 thread; float32 (digits UNet, class 3, guidance {GUIDANCE:g}), "
+        "float64 (mixture)",
     }
     payload["section_values"] = section_values(payload)
     write_json(out_path(mode, "diffusion_convergence.json"), payload, seed=0)

@@ -31,12 +31,13 @@ from fixedpoint.diffusion.diagnostics import network_call_seconds
 
 from .common import write_json
 from .diffusion_common import (
+    GUIDANCE,
     final_error,
     md_table,
     meter_for,
     model_names,
     out_path,
-    parse,
+    parse_args,
     trained_model,
 )
 
@@ -57,6 +58,7 @@ def settings(mode) -> dict:
             fcd_samples={"ddim": 128, "ddpm": 32},
             fcd_batch=32,
             full_window_limit=200,
+            guidance=GUIDANCE,
         )
     return dict(
         samplers=((DDIMChain, 20, 8), (DDPMChain, 100, 16)),
@@ -65,6 +67,7 @@ def settings(mode) -> dict:
         fcd_samples={"ddim": 32, "ddpm": 16},
         fcd_batch=16,
         full_window_limit=200,
+        guidance=GUIDANCE,
     )
 
 
@@ -104,27 +107,37 @@ def candidates(chain, window: int, limit: int) -> dict:
     return out
 
 
-def solve_once(model, chain, method, batch, seed):
+def guidance(model, cfg) -> float | None:
+    """Classifier-free guidance for a class-conditional model; None for an unconditional one."""
+    return cfg["guidance"] if model.num_classes else None
+
+
+def solve_once(model, chain, method, batch, seed, cfg):
     x, noise, labels = draw(model, chain, batch, seed)
-    fmap = PicardMap(chain, model.denoiser(), x, noise, labels=labels)
+    fmap = PicardMap(
+        chain, model.denoiser(), x, noise, labels=labels, guidance=guidance(model, cfg)
+    )
     start = time.perf_counter()
     out = solve_chain(fmap, method)
     seconds = time.perf_counter() - start
     return out, seconds
 
 
-def sequential(model, chain, batch, seed):
+def sequential(model, chain, batch, seed, cfg):
     x, noise, labels = draw(model, chain, batch, seed)
     start = time.perf_counter()
-    traj = sample_loop(chain, model.denoiser(), x, noise, labels=labels, trajectory=True)
+    traj = sample_loop(
+        chain, model.denoiser(), x, noise, labels=labels, guidance=guidance(model, cfg),
+        trajectory=True,
+    )
     return traj, time.perf_counter() - start
 
 
 def study_sampler(model, chain, window, cfg) -> dict:
     seeds = range(cfg["seeds"])
-    ref = {s: sequential(model, chain, 1, s) for s in seeds}
+    ref = {s: sequential(model, chain, 1, s, cfg) for s in seeds}
     seq_time1 = sorted(t for _, t in ref.values())[len(ref) // 2]
-    big_ref, seq_big = sequential(model, chain, cfg["big_batch"], 100)
+    big_ref, seq_big = sequential(model, chain, cfg["big_batch"], 100, cfg)
     rows = [
         {
             "method": "sequential",
@@ -140,7 +153,7 @@ def study_sampler(model, chain, window, cfg) -> dict:
     for name, (tols, make) in candidates(chain, window, cfg["full_window_limit"]).items():
         chosen = None
         for atol in tols or (None,):
-            out, _ = solve_once(model, chain, make(atol), 1, 0)
+            out, _ = solve_once(model, chain, make(atol), 1, 0, cfg)
             if final_error(out.result.x, ref[0][0]) <= BUDGET or tols is None:
                 chosen = atol
                 break
@@ -149,13 +162,13 @@ def study_sampler(model, chain, window, cfg) -> dict:
         method = make(chosen)
         devs, times, its, calls, rows_ = [], [], [], [], []
         for s in seeds:
-            out, sec = solve_once(model, chain, method, 1, s)
+            out, sec = solve_once(model, chain, method, 1, s, cfg)
             devs.append(final_error(out.result.x, ref[s][0]))
             times.append(sec)
             its.append(out.result.iterations)
             calls.append(out.network.calls)
             rows_.append(out.network.rows)
-        big, sec_big = solve_once(model, chain, method, cfg["big_batch"], 100)
+        big, sec_big = solve_once(model, chain, method, cfg["big_batch"], 100, cfg)
         rows.append(
             {
                 "method": name,
@@ -185,11 +198,14 @@ def fcd(model, chain, method, cfg, meter, seed0: int) -> tuple[float, float]:
     for k in range(max(1, total // cfg["fcd_batch"])):
         x, noise, lab = draw(model, chain, min(cfg["fcd_batch"], total), seed0 + k)
         if method is None:
-            img = sample_loop(chain, model.denoiser(), x, noise, labels=lab)
+            img = sample_loop(
+                chain, model.denoiser(), x, noise, labels=lab, guidance=guidance(model, cfg)
+            )
         else:
-            img = solve_chain(
-                PicardMap(chain, model.denoiser(), x, noise, labels=lab), method
-            ).sample
+            fmap = PicardMap(
+                chain, model.denoiser(), x, noise, labels=lab, guidance=guidance(model, cfg)
+            )
+            img = solve_chain(fmap, method).sample
         images.append(img)
         labels.append(lab)
     images = crop(torch.cat(images), model)
@@ -260,6 +276,8 @@ def section_values(p: dict) -> dict:
         f"par_{m}_parameters": f"{p['parameters']:,}",
         f"par_{m}_seeds": p["settings"]["seeds"],
         f"par_{m}_big_batch": p["settings"]["big_batch"],
+        f"par_{m}_guidance": p["settings"]["guidance"] if p["conditional"] else "none",
+        f"par_{m}_budget": p["budget"],
         f"par_{m}_regime": p["regime"],
         f"par_{m}_anchors": "; ".join(f"{k}: {v}" for k, v in p["anchors"].items()),
     }
@@ -283,10 +301,11 @@ def section_values(p: dict) -> dict:
 
 
 def run(argv: list[str] | None = None, models: tuple[str, ...] | None = None) -> dict:
-    mode = parse(__doc__, argv)
+    args = parse_args(__doc__, argv)
+    mode = args.mode
     cfg = settings(mode)
     results = {}
-    for name in models or model_names(mode):
+    for name in models or args.models or model_names(mode):
         model = trained_model(name, mode)
         meter, _ = meter_for(name)
         den = model.denoiser()
@@ -310,6 +329,7 @@ def run(argv: list[str] | None = None, models: tuple[str, ...] | None = None) ->
         payload = {
             "model": name,
             "budget": BUDGET,
+            "conditional": bool(model.num_classes),
             "test_loss": model.meta.get("test_loss"),
             "parameters": sum(p.numel() for p in model.unet.parameters()),
             "network_call_seconds": scaling,
@@ -328,17 +348,6 @@ def run(argv: list[str] | None = None, models: tuple[str, ...] | None = None) ->
         payload["section_values"] = section_values(payload)
         write_json(out_path(mode, f"diffusion_paradigms-{name}.json"), payload, seed=0)
         results[name] = payload
-    if "digits" in results:
-        # The section is rendered from the digits file; it says what happened to MNIST.
-        note = (
-            "The same table for the MNIST model is in `results/diffusion_paradigms-mnist.json`."
-            if "mnist" in results
-            else "No trained MNIST model was available to this run (`fixedpoint diffusion "
-            "train --preset mnist` trains one; a rerun then adds its table), so the issue's "
-            "MNIST rows are not measured here."
-        )
-        results["digits"]["section_values"]["par_mnist_note"] = note
-        write_json(out_path(mode, "diffusion_paradigms-digits.json"), results["digits"], seed=0)
     return results
 
 

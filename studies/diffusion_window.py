@@ -21,7 +21,7 @@ from fixedpoint.diffusion import DDIMChain, DDPMChain, PicardMap, sample_loop, s
 from fixedpoint.diffusion.diagnostics import network_call_seconds
 
 from .common import save_figure, write_json
-from .diffusion_common import final_error, md_table, out_path, parse, trained_model
+from .diffusion_common import GUIDANCE, final_error, md_table, out_path, parse, trained_model
 
 ATOL = 1e-4
 
@@ -40,12 +40,14 @@ def run(argv: list[str] | None = None) -> dict:
         noise = torch.randn(1, n, *model.sample_shape, generator=g) if chain.stochastic else None
         labels = torch.tensor([7])
         start = time.perf_counter()
-        exact = sample_loop(chain, den, x, noise, labels=labels, trajectory=True)
+        exact = sample_loop(
+            chain, den, x, noise, labels=labels, guidance=GUIDANCE, trajectory=True
+        )
         seq_time = time.perf_counter() - start
         widths = sorted({w for w in (1, 5, 20, 80, 320, n) if w <= n})
         rows = []
         for w in widths:
-            fmap = PicardMap(chain, den, x, noise, labels=labels)
+            fmap = PicardMap(chain, den, x, noise, labels=labels, guidance=GUIDANCE)
             start = time.perf_counter()
             res = solve_chain(fmap, fp.SlidingWindow(w, atol=ATOL, rtol=0.0))
             sec = time.perf_counter() - start
@@ -64,7 +66,8 @@ def run(argv: list[str] | None = None) -> dict:
     payload = {
         "atol": ATOL,
         "results": out,
-        "regime": "CPU, 1 thread, batch 1, float32; machine shared with other jobs",
+        "regime": f"CPU, 1 thread, batch 1, float32, guidance {GUIDANCE:g} (class 7); "
+        "machine shared with other jobs",
     }
     payload["section_values"] = section_values(payload)
     write_json(out_path(mode, "diffusion_window.json"), payload, seed=0)
