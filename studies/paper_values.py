@@ -432,7 +432,9 @@ def initial_guess_part(mode: Mode, p: str) -> str:
         return ""
     rows = [[name, "/".join(v["inits"]), f"{v['deviation']['max_abs']:.2e}", f"{v['fcd']:.3f}"]
             for name, v in ig["variants"].items()]
-    return _section(f"Figure 7: initial guesses (Jacobi capped at {ig['cap']} iterations)",
+    n = ig.get("eval_batch", mode.eval_batch)  # the study samples mode.eval_batch
+    return _section(f"Figure 7: initial guesses (Jacobi capped at {ig['cap']} iterations, "
+                    f"{n} samples)",
                     figure(mode, "initial_guess", p, f"{p}: error per iteration from each "
                            "start.", "initial_guess"),
                     table(["start", "per-block starts", "max deviation", "FCD"], rows))
