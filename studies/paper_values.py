@@ -251,9 +251,11 @@ def run_record(run: dict[str, Any]) -> str:
                  "within it)." if run.get("from_empty_cache") else
                  "It did not start from an empty cache: trained models or classifiers "
                  "cached earlier were reused, so the total leaves their training out.")
-    revs = sorted({i["git_revision"] for i in invocations})
-    parts.append("Revision(s): " + ", ".join(f"`{r}`" for r in revs) + ".")
-    return " ".join(parts)
+    listing = "\n".join(
+        f"* `{i['command']}` at `{i['git_revision']}`: {i['wall_clock_s'] / 60:.1f} min, ran "
+        f"{len(i['ran'])} step(s), skipped {len(i['skipped'])}"
+        + (", interrupted" if i["interrupted"] else "") for i in invocations)
+    return " ".join(parts) + " Invocations:\n\n" + listing + "\n"
 
 
 def superseded(mode: Mode) -> str:

@@ -152,3 +152,18 @@ def test_resuming_with_another_thread_count_is_refused(fake_run) -> None:
     with pytest.raises(SystemExit) as exc:
         fake_run.invoke("--threads", "2")
     assert exc.value.code == 2
+
+
+def test_the_paper_states_the_record(fake_run) -> None:
+    from studies import paper_values
+
+    fake_run.calls["crash"] = "b"
+    with pytest.raises(_Crash):
+        fake_run.invoke()
+    fake_run.calls["crash"] = None
+    run = fake_run.invoke()
+    text = paper_values.run_record(run)
+    assert "It is complete" in text and "empty cache" in text
+    lines = [ln for ln in text.splitlines() if ln.startswith("* `")]
+    assert len(lines) == 2 and lines[0].endswith("interrupted")
+    assert not lines[1].endswith("interrupted")
