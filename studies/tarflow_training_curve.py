@@ -39,7 +39,18 @@ from fixedpoint.tarflow.checkpoint import load_checkpoint, load_model
 from fixedpoint.tarflow.sampling import denoise_step
 from fixedpoint.tarflow.train import PRESETS, evaluate_bpd, train
 
-from .common import CACHE, MODES, Mode, atomic_write_bytes, key, read_json, write_json
+from .common import (
+    CACHE,
+    MODES,
+    Mode,
+    atomic_write_bytes,
+    key,
+    read_json,
+    save_figure,
+    write_json,
+)
+
+TARGET = 0.9  # the issue's target: samples assigned to their label 90% of the time
 
 GUIDANCES = (0.0, 1.0, 2.0, 4.0)
 SEEDS = (0, 1)
@@ -212,8 +223,113 @@ def run_variant(variant: Variant, mode: Mode, n: int, final_n: int,
         "classifier_test_accuracy": meter.test_accuracy, "points": points,
         "final": snaps.state["final"],
     }
+    result["fits"] = {g: fit_error_power_law(points, g) for g in (f"g={x:g}" for x in GUIDANCES)}
+    result["section_values"] = section_values(result)
     write_json(mode.out_dir / f"tarflow_training_curve-{variant.name}.json", result)
+    plot(result, mode.out_dir / f"tarflow_training_curve-{variant.name}.png")
     return result
+
+
+def fit_error_power_law(points: list[dict[str, Any]], guidance: str,
+                        kind: str = "denoised") -> dict[str, float]:
+    """Least squares of ``log(1 - accuracy) = log c - alpha log(minutes)`` over the points,
+    and the training minutes at which it reaches :data:`TARGET` (an extrapolation)."""
+    xs, ys = [], []
+    for p in points:
+        acc = p["summary"][guidance][kind]
+        if p["train_cpu_s"] > 0 and 0 < acc < 1:
+            xs.append(math.log(p["train_cpu_s"] / 60))
+            ys.append(math.log(1 - acc))
+    if len(xs) < 2 or max(xs) == min(xs):
+        return {"points": len(xs), "alpha": math.nan, "c": math.nan,
+                "minutes_to_target": math.nan}
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum(
+        (x - mx) ** 2 for x in xs)
+    alpha, log_c = -slope, my - slope * mx
+    minutes = math.exp((log_c - math.log(1 - TARGET)) / alpha) if alpha > 0 else math.inf
+    return {"points": len(xs), "alpha": alpha, "c": math.exp(log_c),
+            "minutes_to_target": minutes}
+
+
+def curve_table(result: dict[str, Any]) -> str:
+    from fixedpoint.benchmark import markdown_table
+
+    gs = [f"g={g:g}" for g in result["guidances"]]
+    head = ["epochs", "train CPU min", "test bits/dim"]
+    head += [f"acc. {g} (raw / denoised)" for g in gs]
+    rows = []
+    for p in result["points"]:
+        cells = [f"{p['epochs']:.1f}", f"{p['train_cpu_s'] / 60:.1f}", f"{p['test_bpd']:.3f}"]
+        cells += [f"{p['summary'][g]['raw']:.3f} / {p['summary'][g]['denoised']:.3f}"
+                  for g in gs]
+        rows.append(cells)
+    return markdown_table(head, rows)
+
+
+def final_table(final: dict[str, Any]) -> str:
+    from fixedpoint.benchmark import markdown_table
+
+    rows = [[k, f"{v['raw']:.3f}", f"{v['raw_seed_spread']:.3f}", f"{v['denoised']:.3f}",
+             f"{v['denoised_seed_spread']:.3f}"] for k, v in final["summary"].items()]
+    return markdown_table(["guidance", "accuracy raw", "seed spread", "accuracy denoised",
+                           "seed spread"], rows)
+
+
+def section_values(result: dict[str, Any]) -> dict[str, Any]:
+    """Placeholders of ``studies/sections/tarflow_training.md``."""
+    last, final = result["points"][-1], result["final"]
+    best = f"g={final['best_guidance']:g}"
+    fit_best, fit_1 = result["fits"][best], result["fits"]["g=1"]
+    return {
+        "tc_preset": result["variant"]["preset"],
+        "tc_epochs": result["variant"]["epochs"],
+        "tc_train_images": result["steps_per_epoch"] * result["train_config"]["batch_size"],
+        "tc_minutes": last["train_cpu_s"] / 60,
+        "tc_wall_minutes": last["train_wall_s"] / 60,
+        "tc_points": len(result["points"]),
+        "tc_samples": result["samples_per_row"],
+        "tc_final_samples": final["samples"],
+        "tc_seeds": len(result["seeds"]),
+        "tc_bpd": last["test_bpd"],
+        "tc_acc_g1": final["summary"]["g=1"]["denoised"],
+        "tc_acc_g1_spread": final["summary"]["g=1"]["denoised_seed_spread"],
+        "tc_best_guidance": final["best_guidance"],
+        "tc_acc_best": final["summary"][best]["denoised"],
+        "tc_acc_best_spread": final["summary"][best]["denoised_seed_spread"],
+        "tc_target": TARGET,
+        "tc_alpha_best": fit_best["alpha"], "tc_minutes_best": fit_best["minutes_to_target"],
+        "tc_alpha_g1": fit_1["alpha"], "tc_minutes_g1": fit_1["minutes_to_target"],
+        "tc_curve_table": curve_table(result),
+        "tc_final_table": final_table(final),
+    }
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = result["points"]
+    minutes = [p["train_cpu_s"] / 60 for p in pts]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for g in result["guidances"]:
+        k = f"g={g:g}"
+        line, = ax.plot(minutes, [p["summary"][k]["denoised"] for p in pts], "o-",
+                        label=f"guidance {g:g}, denoised")
+        ax.plot(minutes, [p["summary"][k]["raw"] for p in pts], "x--", color=line.get_color(),
+                alpha=0.6)
+    ax.axhline(TARGET, color="k", lw=0.8, ls=":")
+    ax.set(xlabel="training CPU minutes (1 thread)", ylabel="class accuracy of samples",
+           ylim=(0, 1))
+    ax.legend(fontsize=7)
+    bx.plot(minutes, [p["test_bpd"] for p in pts], "o-")
+    bx.set(xlabel="training CPU minutes (1 thread)", ylabel="test NLL (bits/dim)")
+    fig.suptitle(f"{result['variant']['name']}: {result['variant']['preset']} "
+                 "(crosses: without the denoising step)")
+    save_figure(fig, path)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> None:

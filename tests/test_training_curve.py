@@ -62,3 +62,16 @@ def test_summary_reports_the_spread_between_seeds() -> None:
     got = curve.summarise(rows)["g=1"]
     assert got["raw"] == pytest.approx(0.6) and got["raw_seed_spread"] == pytest.approx(0.2)
     assert got["denoised"] == pytest.approx(0.7)
+
+
+def test_the_power_law_fit_recovers_an_exact_curve() -> None:
+    # 1 - acc = 0.8 * minutes^-0.5: reaches 0.9 accuracy at (0.8 / 0.1)^2 = 64 minutes.
+    points = [{"train_cpu_s": 60 * m, "summary": {"g=1": {"denoised": 1 - 0.8 * m ** -0.5}}}
+              for m in (2.0, 4.0, 8.0, 16.0)]
+    fit = curve.fit_error_power_law(points, "g=1")
+    assert fit["points"] == 4
+    assert fit["alpha"] == pytest.approx(0.5) and fit["c"] == pytest.approx(0.8)
+    assert fit["minutes_to_target"] == pytest.approx(64.0)
+    # A curve that does not improve never gets there.
+    flat = [{"train_cpu_s": 60 * m, "summary": {"g=1": {"denoised": 0.3}}} for m in (1, 2)]
+    assert curve.fit_error_power_law(flat, "g=1")["minutes_to_target"] == float("inf")
