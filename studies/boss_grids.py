@@ -1,0 +1,201 @@
+"""BOSS grids on a flow-matching and a diffusion model: reference cost, grids, deviation.
+
+For each model (``flow-digits``, the rectified flow; ``digits``, the DDPM noise model via
+its probability-flow ODE in the common time of :mod:`fixedpoint.diffusion.boss`; the
+MNIST pair in full mode once trained):
+
+* the fine reference (``K_max`` uniform Euler steps, ``samples`` noise samples), solved
+  sequentially and by the core's parallel methods on its Picard form: dependent network
+  calls, network rows, wall-clock (CPU, one thread, shared machine) and the deviation
+  from the sequential reference;
+* BOSS grids for ``K = 3 .. 10`` and their DP cost;
+* on held-out noise, the deviation from a high-accuracy solution (Euler with
+  ``ref_steps`` uniform steps; its own error is estimated from half as many) of Euler on
+  the BOSS grid, on the uniform grid and (noise model) on DDIM's grid, all ``K`` steps,
+  ``K`` dependent evaluations;
+* with ``--straighten``: the network fine-tuned on the BOSS grid at ``straighten_k``
+  steps, its deviation and FCD against the un-tuned grid's.
+
+Writes ``boss_grids.json``.  Models are trained on first use (resumable).
+
+    python -m studies.boss_grids --mode fast|full [--straighten]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+import torch
+
+import fixedpoint as fp
+import fixedpoint.diffusion as fd
+from fixedpoint.diffusion.train import PRESETS, train
+
+from .common import CACHE, MODES, ROOT, write_json
+from .diffusion_common import out_path
+
+SETTINGS = {
+    "fast": dict(
+        train_steps=300, k_max=40, samples=16, eval_samples=16, ref_steps=200,
+        ks=(3, 4, 5, 6), straighten_k=4, straighten_steps=40, straighten_samples=32,
+        fcd_samples=64,
+    ),
+    "full": dict(
+        train_steps=None, k_max=100, samples=100, eval_samples=100, ref_steps=1000,
+        ks=tuple(range(3, 11)), straighten_k=5, straighten_steps=300, straighten_samples=256,
+        fcd_samples=1000,
+    ),
+}
+
+
+def trained(preset: str, mode: str, train_steps: int | None) -> fd.ProbabilityFlow:
+    cfg = PRESETS[preset]
+    if train_steps is not None:
+        cfg = dataclasses.replace(
+            cfg, steps=train_steps, warmup=20, out_dir=f".cache/diffusion/fast-{preset}"
+        )
+    out = train(cfg)
+    return fd.load_flow(out.model_dir)
+
+
+def draw(flow: fd.ProbabilityFlow, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn((n, *flow.denoiser.sample_shape), generator=gen)
+    labels = None if flow.model.num_classes is None else torch.arange(n) % flow.model.num_classes
+    return z, labels
+
+
+def rms(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Root mean square pixel deviation."""
+    diff = a.double().reshape(len(a), -1) - b.double().reshape(len(b), -1)
+    return float(diff.pow(2).mean()) ** 0.5
+
+
+def reference_rows(flow, z, labels, k_max) -> tuple[fd.Reference, list[dict]]:
+    start = time.perf_counter()
+    seq = fd.reference_trajectories(flow, z, steps=k_max, labels=labels)
+    rows = [{"method": "sequential", "calls": seq.calls, "rows": seq.rows,
+             "iterations": seq.iterations, "seconds": time.perf_counter() - start,
+             "max_abs_vs_sequential": 0.0}]
+    methods = {
+        "jacobi atol 1e-4": fp.Jacobi(atol=1e-4, rtol=0.0),
+        "triangular-anderson atol 1e-4": fp.TriangularAnderson(atol=1e-4, rtol=0.0),
+        "window 20 atol 1e-4": fp.SlidingWindow(20, atol=1e-4, rtol=0.0),
+    }
+    for name, method in methods.items():
+        start = time.perf_counter()
+        par = fd.reference_trajectories(flow, z, steps=k_max, method=method, labels=labels)
+        rows.append({"method": name, "calls": par.calls, "rows": par.rows,
+                     "iterations": par.iterations, "seconds": time.perf_counter() - start,
+                     "status": par.status.name,
+                     "max_abs_vs_sequential": float((par.states - seq.states).abs().max())})
+    return seq, rows
+
+
+def run_model(preset: str, mode: str, s: dict, straighten: bool) -> dict:
+    flow = trained(preset, mode, s["train_steps"])
+    torch.manual_seed(0)
+    z, labels = draw(flow, s["samples"], seed=0)
+    ref, ref_rows = reference_rows(flow, z, labels, s["k_max"])
+    grids = fd.boss_grids(flow, s["ks"], reference=ref)
+
+    # held-out noise and the high-accuracy solution
+    ze, le = draw(flow, s["eval_samples"], seed=1)
+    fine = fd.flow_sample(flow, flow.uniform_times(s["ref_steps"]), ze, labels=le)
+    half = fd.flow_sample(flow, flow.uniform_times(s["ref_steps"] // 2), ze, labels=le)
+    rows = []
+    for k, grid in grids.items():
+        row = {"K": k, "boss_times": grid.times.tolist(), "dp_cost": grid.cost,
+               "boss": rms(fd.flow_sample(flow, grid.times, ze, labels=le), fine),
+               "uniform": rms(fd.flow_sample(flow, flow.uniform_times(k), ze, labels=le), fine)}
+        if isinstance(flow, fd.NoiseFlow):
+            row["ddim"] = rms(fd.flow_sample(flow, flow.ddim_times(k), ze, labels=le), fine)
+        rows.append(row)
+    out = {
+        "model": preset,
+        "prediction": flow.prediction,
+        "test_loss": flow.model.meta.get("test_loss"),
+        "t_start": flow.t_start,
+        "k_max": s["k_max"],
+        "samples": s["samples"],
+        "reference": ref_rows,
+        "high_accuracy": {"steps": s["ref_steps"], "rms_vs_half_steps": rms(fine, half)},
+        "rows": rows,
+    }
+    if straighten:
+        out["straighten"] = straighten_rows(flow, grids, s, ze, le, fine)
+    return out
+
+
+def straighten_rows(flow, grids, s, ze, le, fine) -> dict:
+    from fixedpoint.data import load_dataset
+    from fixedpoint.quality import QualityMeter
+
+    k = s["straighten_k"]
+    grid = grids[k] if k in grids else fd.boss_grid(flow, k, k_max=s["k_max"])
+    start = time.perf_counter()
+    tuned = fd.straighten(
+        flow, grid, samples=s["straighten_samples"], steps=s["straighten_steps"], seed=0,
+        labels=torch.arange(s["straighten_samples"]) % flow.model.num_classes
+        if flow.model.num_classes is not None else None,
+    )
+    seconds = time.perf_counter() - start
+    data = load_dataset(flow.model.meta.get("dataset", "digits"))
+    meter = QualityMeter.for_dataset(data, cache_dir=CACHE / "classifiers")
+    zq, lq = draw(flow, s["fcd_samples"], seed=2)
+    zq2, lq2 = draw(flow, s["fcd_samples"], seed=3)
+
+    def quality(f, times, zz, ll):
+        images = fd.flow_sample(f, times, zz, labels=ll)
+        acc = meter.accuracy(images, ll) if ll is not None else None
+        return {"fcd": meter.frechet(images), "accuracy": acc}
+
+    return {
+        "K": k,
+        "steps": s["straighten_steps"],
+        "samples": s["straighten_samples"],
+        "seconds": seconds,
+        "rms_before": rms(fd.flow_sample(flow, grid.times, ze, labels=le), fine),
+        "rms_after": rms(fd.flow_sample(tuned, grid.times, ze, labels=le), fine),
+        "fcd_samples": s["fcd_samples"],
+        "fcd_reference_100": quality(flow, flow.uniform_times(100), zq, lq),
+        "fcd_reference_100_other_seed": quality(flow, flow.uniform_times(100), zq2, lq2),
+        "fcd_boss": quality(flow, grid.times, zq, lq),
+        "fcd_boss_straightened": quality(tuned, grid.times, zq, lq),
+        "fcd_uniform": quality(flow, flow.uniform_times(k), zq, lq),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=MODES, default="fast")
+    parser.add_argument("--models", nargs="+", default=None,
+                        help="presets (default: flow-digits digits, + the MNIST pair if trained)")
+    parser.add_argument("--straighten", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    shared = ROOT.parent / "shared" / "data" / "mnist"
+    if shared.is_dir():
+        os.environ.setdefault("FIXEDPOINT_MNIST_DIR", str(shared))
+    s = SETTINGS[args.mode]
+    models = args.models
+    if models is None:
+        models = ["flow-digits", "digits"]
+        if args.mode == "full":
+            models += [m for m in ("flow-mnist", "mnist")
+                       if (Path(PRESETS[m].out_dir) / "model").is_dir()]
+    results = {}
+    for preset in models:
+        print(f"[boss] {preset} ...", flush=True)
+        results[preset] = run_model(preset, args.mode, s, args.straighten)
+        payload = {"settings": s, "models": results}
+        write_json(out_path(MODES[args.mode], "boss_grids.json"), payload, seed=0)
+    return results
+
+
+if __name__ == "__main__":
+    main()
