@@ -23,7 +23,16 @@ Modules, each importing only the ones above it:
 from .diagnostics import BlockMetrics, IGMForm, crm_igm_table, format_table, select_strategy
 from .inverse import BlockInverse
 from .model import KVCache, TarFlow, TarFlowConfig
-from .sampling import Sample, SamplingError, denoise_step, reverse, sample_sequential_naive
+from .sampling import (
+    NonFiniteSampleError,
+    Sample,
+    SamplingError,
+    SequentialDecoder,
+    denoise_step,
+    reverse,
+    sample_sequential,
+    sample_sequential_naive,
+)
 from .strategy import BlockPlan, InitialGuess, Strategy
 
 __all__ = [
@@ -33,8 +42,10 @@ __all__ = [
     "IGMForm",
     "InitialGuess",
     "KVCache",
+    "NonFiniteSampleError",
     "Sample",
     "SamplingError",
+    "SequentialDecoder",
     "Strategy",
     "TarFlow",
     "TarFlowConfig",
@@ -42,6 +53,7 @@ __all__ = [
     "denoise_step",
     "format_table",
     "reverse",
+    "sample_sequential",
     "sample_sequential_naive",
     "select_strategy",
 ]

@@ -36,7 +36,7 @@ import fixedpoint as fp
 
 from .model import KVCache, MetaBlock, TarFlow, TarFlowConfig, wide
 
-__all__ = ["BlockInverse", "BlockInverseState"]
+__all__ = ["BlockInverse", "BlockInverseState", "check_guidance"]
 
 
 @dataclass
@@ -223,6 +223,11 @@ def _check_arguments(c: TarFlowConfig, block_index: int, z: Tensor, guidance: fl
     if not isinstance(z, Tensor) or z.ndim != 3 or z.shape[1:] != (c.seq_len, c.token_dim):
         shape = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
         raise ValueError(f"z must have shape (B, {c.seq_len}, {c.token_dim}), got {shape}")
+    check_guidance(guidance, uncond_temperature)
+
+
+def check_guidance(guidance: float, uncond_temperature: float) -> None:
+    """Refuse a non-finite guidance or a temperature that is not a finite number > 0."""
     if isinstance(guidance, bool) or not isinstance(guidance, numbers.Real) or not (
         math.isfinite(guidance)
     ):

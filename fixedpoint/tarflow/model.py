@@ -55,11 +55,14 @@ __all__ = [
     "Attention",
     "AttentionBlock",
     "BlockTrace",
+    "DecodeCache",
+    "DecodeParams",
     "KVCache",
     "MLP",
     "MetaBlock",
     "TarFlow",
     "TarFlowConfig",
+    "decode_step",
 ]
 
 
@@ -170,6 +173,28 @@ class KVCache:
     @property
     def batch(self) -> int:
         return self.keys.shape[1]
+
+
+@dataclass
+class DecodeCache:
+    """Keys and values of one flow block for one-token-at-a-time decoding.
+
+    ``kv`` has shape ``(layers, 2, rows, heads, T, head_dim)`` (index 0 keys, 1 values),
+    so one copy writes a token's keys and values together.  It is allocated once and
+    zero-filled: the fixed-shape step (:meth:`MetaBlock.decode_step` with ``length=None``)
+    reads every entry under a mask, and a masked entry must be finite (``0 * NaN`` is
+    NaN in the attention product).
+    """
+
+    kv: Tensor
+
+    @classmethod
+    def allocate(
+        cls, config: TarFlowConfig, rows: int, *, device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> DecodeCache:
+        shape = (config.layers, 2, rows, config.heads, config.seq_len, config.head_dim)
+        return cls(torch.zeros(shape, device=device, dtype=dtype))
 
 
 def wide(t: Tensor) -> Tensor:
@@ -355,6 +380,26 @@ class MetaBlock(nn.Module):
             h = block(h, q_scale=q_scale, cache=cache, layer=layer, start=start, mask=mask)
         return self.proj_out(h)
 
+    def decode_params(self) -> DecodeParams:
+        """This block's weights arranged for :func:`decode_step` (views, no copies: the
+        transposed matrices share the parameters' storage).  Make it once per sampling
+        call; it is not stored on the module."""
+        layers = []
+        for block in self.attn_blocks:
+            att, mlp = block.attention, block.mlp
+            layers.append(_DecodeLayer(
+                (att.norm.weight, att.norm.bias, att.norm.eps), att.qkv.weight.t(),
+                att.qkv.bias, att.proj.weight.t(), att.proj.bias,
+                (mlp.norm.weight, mlp.norm.bias, mlp.norm.eps), mlp.main[0].weight.t(),
+                mlp.main[0].bias, mlp.main[2].weight.t(), mlp.main[2].bias,
+            ))
+        a = self.attn_blocks[0].attention if len(self.attn_blocks) else None
+        return DecodeParams(
+            self.proj_in.weight.t(), self.proj_in.bias, tuple(layers),
+            self.proj_out.weight.t(), self.proj_out.bias, self.attn_mask > 0,
+            a.heads if a is not None else 1, a.head_dim if a is not None else 1,
+        )
+
     def window_mask(self, start: int, length: int) -> Tensor | None:
         """Which keys the queries of positions ``start .. start + length - 1`` see, as a
         boolean ``(length, start + length)`` slice of ``attn_mask``; None when SDPA
@@ -381,6 +426,96 @@ class MetaBlock(nn.Module):
         """``(z, logdet)``: ``z`` in the original token order, ``logdet`` of shape (B,)."""
         t = self.trace(x, cls)
         return self.permute(t.z), -wide(t.a).sum(dim=(1, 2))
+
+
+# --------------------------------------------------------------------------------------
+# one-token decoding (the fast sequential sampler's inner loop)
+
+
+class _DecodeLayer(NamedTuple):
+    norm1: tuple[Tensor, Tensor, float]
+    qkv_t: Tensor
+    qkv_b: Tensor
+    proj_t: Tensor
+    proj_b: Tensor
+    norm2: tuple[Tensor, Tensor, float]
+    fc1_t: Tensor
+    fc1_b: Tensor
+    fc2_t: Tensor
+    fc2_b: Tensor
+
+
+class DecodeParams(NamedTuple):
+    """One flow block's weights for :func:`decode_step` (see
+    :meth:`MetaBlock.decode_params`): linear weights transposed, for ``addmm``."""
+
+    proj_in_t: Tensor
+    proj_in_b: Tensor
+    layers: tuple[_DecodeLayer, ...]
+    proj_out_t: Tensor
+    proj_out_b: Tensor
+    causal: Tensor  # (T, T) bool, True on and below the diagonal
+    heads: int
+    head_dim: int
+
+
+def _norm(h: Tensor, p: tuple[Tensor, Tensor, float]) -> Tensor:
+    # _layer_norm without its conversions when h is float32 already (the common case).
+    if h.dtype == torch.float32:
+        return F.layer_norm(h, (h.shape[-1],), p[0], p[1], p[2])
+    return F.layer_norm(wide(h), (h.shape[-1],), p[0], p[1], p[2]).to(h.dtype)
+
+
+def decode_step(
+    p: DecodeParams,
+    x_t: Tensor,
+    emb_t: Tensor,
+    cache: DecodeCache,
+    position: Tensor,
+    *,
+    length: int | None,
+    q_scale: Tensor | None = None,
+) -> Tensor:
+    """Raw ``proj_out`` outputs ``(G * B, 2d)`` of a flow block for the one token at
+    ``position``: :meth:`MetaBlock.network` on a one-token window, written for the
+    sequential decoder's inner loop (functional calls on prepared weights ``p``, no
+    module dispatch, one cache write per layer, 2-D activations).
+
+    ``x_t``: the permuted input token ``(B, d)``.  ``emb_t``: its embedding for ``G``
+    groups of rows ``(G, B or 1, width)``; every group reads the same token
+    (classifier-free guidance: ``G = 2``, conditional then unconditional), so the input
+    projection runs on ``B`` rows only.  ``position``: a one-element int64 tensor; the
+    token's keys and values go into ``cache`` there.  ``length``: how many cached
+    positions the query reads (``position + 1`` as a Python int, so the shapes change
+    every step: the cheapest form in eager mode) or ``None``: all ``T`` positions under
+    the causal mask row of ``position``, so every tensor has the same shape at every
+    step (what ``torch.compile`` and CUDA graphs need).  ``q_scale``
+    ``(G * B, 1, 1, 1)``: per-row inverse attention temperature.
+    """
+    h = (torch.addmm(p.proj_in_b, x_t, p.proj_in_t) + emb_t).reshape(-1, emb_t.shape[-1])
+    rows, width = h.shape
+    mask = None if length is not None else p.causal.index_select(0, position)
+    for layer, w in enumerate(p.layers):
+        qkv = torch.addmm(w.qkv_b, _norm(h, w.norm1), w.qkv_t)
+        # (rows, 3, heads, hd): q, then k and v together into the cache in one copy.
+        qkv = qkv.view(rows, 3, p.heads, p.head_dim)
+        kv = cache.kv[layer]
+        new = qkv[:, 1:].permute(1, 0, 2, 3).unsqueeze(3)  # (2, rows, heads, 1, hd)
+        if length is None:
+            kv.index_copy_(3, position, new.to(kv.dtype))
+        else:  # a plain slice copy: index_copy_ along this axis is twice as slow
+            kv[..., length - 1 : length, :].copy_(new)
+            kv = kv[..., :length, :]
+        q = qkv[:, 0].unsqueeze(2)  # (rows, heads, 1, hd)
+        if q.dtype != kv.dtype:  # autocast output vs. cache dtype
+            q = q.to(kv.dtype)
+        if q_scale is not None:
+            q = q * q_scale.to(q.dtype)
+        out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask)
+        h = h + torch.addmm(w.proj_b, out.reshape(rows, width), w.proj_t)
+        u = F.gelu(torch.addmm(w.fc1_b, _norm(h, w.norm2), w.fc1_t))
+        h = h + torch.addmm(w.fc2_b, u, w.fc2_t)
+    return torch.addmm(p.proj_out_b, h, p.proj_out_t)
 
 
 def _check_labels(y: Tensor, num_classes: int, batch: int) -> Tensor:

@@ -18,15 +18,19 @@ sample keeps its last finite iterate, the core's contract, so later blocks still
 finite values).  A capped method that stops at its cap (MAX_ITER, e.g. the paper's
 ``[Stack-GS-J-Else]`` strategies) is not a failure.
 
-:func:`sample_sequential_naive` is a deliberately naive reference loop used only as a
-test oracle and as the benchmark's baseline.
+:func:`sample_sequential` (a :class:`SequentialDecoder`) is the fast sequential sampler:
+the same samples as :func:`reverse` with the sequential strategy, without the solver's
+bookkeeping, for when only the images and the wall-clock matter (the baseline of the
+benchmarks).  :func:`sample_sequential_naive` is a deliberately naive reference loop
+used only as a test oracle and as the benchmark's slowest baseline.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -42,11 +46,20 @@ from fixedpoint.precision import (
     rounding_unit,
 )
 
-from .inverse import BlockInverse
-from .model import TarFlow
+from .inverse import BlockInverse, check_guidance
+from .model import DecodeCache, DecodeParams, MetaBlock, TarFlow, decode_step, wide
 from .strategy import BlockPlan, Strategy
 
-__all__ = ["Sample", "SamplingError", "denoise_step", "reverse", "sample_sequential_naive"]
+__all__ = [
+    "NonFiniteSampleError",
+    "Sample",
+    "SamplingError",
+    "SequentialDecoder",
+    "denoise_step",
+    "reverse",
+    "sample_sequential",
+    "sample_sequential_naive",
+]
 
 
 @dataclass
@@ -110,6 +123,23 @@ class SamplingError(RuntimeError):
             f"block {block}: {status.name}: {status.message} in {len(bad)} of "
             f"{len(result.sample_status)} samples ({shown}); lower the guidance or check "
             "the model's weights (throw=False returns the sample with every block's status)"
+        )
+
+
+class NonFiniteSampleError(SamplingError):
+    """The fast sequential sampler (:class:`SequentialDecoder`) met a non-finite value;
+    ``block`` is the block, ``samples`` the failed samples (it keeps no solver result:
+    ``result`` is None)."""
+
+    def __init__(self, block: int, samples: list[int], batch: int):
+        self.block = block
+        self.result = None
+        self.samples = samples
+        shown = ", ".join(map(str, samples[:8])) + (" ..." if len(samples) > 8 else "")
+        RuntimeError.__init__(
+            self,
+            f"block {block}: NONFINITE: {fp.Status.NONFINITE.message} in {len(samples)} of "
+            f"{batch} samples ({shown}); lower the guidance or check the model's weights",
         )
 
 
@@ -306,6 +336,175 @@ def denoise_step(model: TarFlow, img: Tensor, y: Tensor | None = None) -> Tensor
         logp = model.log_prob(xg, y).sum()  # samples are independent: sum gives each grad
         (grad,) = torch.autograd.grad(logp, xg)
     return (img + sigma**2 * grad.to(img.dtype)).detach()
+
+
+# --------------------------------------------------------------------------------------
+# the fast sequential sampler
+
+
+class SequentialDecoder:
+    """Fast sequential sampling of one TarFlow model: images, no solver bookkeeping.
+
+    Inverts the blocks by forward substitution, one token per step, as
+    ``reverse(model, z, y, ...)`` does with its default (sequential) strategy, and gives
+    the same images up to float32 rounding.  What makes it fast (measured in
+    ``studies/bench_tarflow.py``):
+
+    * ``torch.inference_mode`` and plain functional calls on the weights
+      (:func:`~fixedpoint.tarflow.model.decode_step`): no module dispatch, no autograd bookkeeping;
+    * preallocated key/value caches written in place (keys and values of a layer in one
+      copy), token-major buffers, so no per-token concatenation or clone;
+    * classifier-free guidance as one batched call: the input projection runs once
+      for both halves, the two rows of a sample differ only by their embedding, and the
+      halves are combined with one ``torch.lerp``.
+
+    ``fixed_shape=True`` makes every step have the same shapes (each query reads the
+    whole cache under the causal mask row of its position, positions are tensors): what
+    ``torch.compile`` and CUDA graphs need; it is slower in eager mode.
+    ``compile_options`` (implies ``fixed_shape``) passes the step through
+    ``torch.compile(**compile_options)``, e.g. ``{}`` or ``{"mode": "reduce-overhead"}``
+    for CUDA graphs; the buffers are then allocated once per batch shape and reused, with
+    static addresses.  Compilation is not tested on a GPU (there is none here) and not in
+    the unit tests (compiling takes minutes on this CPU); it was checked by hand on the
+    CPU once (see the README).
+    """
+
+    def __init__(
+        self,
+        model: TarFlow,
+        *,
+        fixed_shape: bool = False,
+        compile_options: Mapping[str, Any] | None = None,
+    ):
+        self.model = model
+        self.fixed_shape = bool(fixed_shape) or compile_options is not None
+        self._step: Callable[..., None] = _decode_token
+        if compile_options is not None:
+            self._step = torch.compile(_decode_token, **dict(compile_options))
+        self._persistent = compile_options is not None
+        self._buffers: dict[tuple[Any, ...], tuple[Tensor, DecodeCache]] = {}
+
+    def __call__(
+        self,
+        z: Tensor,
+        y: Tensor | None = None,
+        *,
+        guidance: float = 0.0,
+        anneal_guidance: bool = False,
+        uncond_temperature: float = 1.0,
+    ) -> Tensor:
+        """Images ``(B, C, H, W)`` from standard normal noise ``z`` (tokens or images),
+        as :func:`reverse` (same arguments, same checks); ``z`` is never modified.  A block
+        that produces a non-finite value raises :class:`NonFiniteSampleError` (a
+        :class:`SamplingError`) naming the block and the samples."""
+        model = self.model
+        tokens = _noise_tokens(model, z)
+        check_guidance(guidance, uncond_temperature)
+        with torch.inference_mode():
+            x = tokens * model.var.sqrt().to(tokens.dtype)
+            for k in reversed(range(model.config.blocks)):
+                x = self._block(k, x, y, float(guidance), anneal_guidance,
+                                float(uncond_temperature))
+                bad = ~torch.isfinite(x).flatten(1).all(1)
+                if bool(bad.any()):
+                    raise NonFiniteSampleError(k, bad.nonzero().flatten().tolist(), len(bad))
+            img = model.unpatchify(x)
+        # Outside inference mode: a normal tensor (autograd may use it, e.g. denoise_step).
+        return img.clone()
+
+    def _block(self, k: int, x: Tensor, y: Tensor | None, guidance: float, anneal: bool,
+               uncond_temperature: float) -> Tensor:
+        """Invert block ``k`` given its output ``x`` (original order); original order out."""
+        block = self.model.blocks[k]
+        B, T, _ = x.shape
+        cfg = guidance != 0.0
+        emb, q_scale = _decode_embedding(block, y, B, cfg, uncond_temperature)
+        rows = emb.shape[1] * B
+        zs = block.permute(x).transpose(0, 1).contiguous()  # (T, B, d), token-major
+        xs, cache = self._buffers_for(k, zs, rows)
+        xs.copy_(zs)  # x_0 = z_0; every later token is overwritten by its step
+        t = torch.arange(1, T, device=x.device, dtype=torch.float64)
+        g = guidance * (t / max(T - 1, 1) if anneal else torch.ones_like(t))
+        # torch.lerp(u, c, 1 + g) = c + g (c - u): the guided combination in one op.
+        weight = (1 + g).to(wide(zs).dtype)
+        positions = torch.arange(T, device=x.device)
+        params = block.decode_params()
+        for i in range(T - 1):
+            self._step(params, xs, zs, emb, cache, positions[i : i + 1],
+                       positions[i + 1 : i + 2], weight[i : i + 1], cfg, q_scale,
+                       None if self.fixed_shape else i + 1)
+        return block.permute(xs.transpose(0, 1))
+
+    def _buffers_for(self, k: int, zs: Tensor, rows: int) -> tuple[Tensor, DecodeCache]:
+        dev = zs.device.type
+        # Under autocast the keys come out in the autocast dtype: store them so.
+        kv_dtype = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
+                    else self.model.blocks[k].proj_in.weight.dtype)
+        key = (k, tuple(zs.shape), zs.dtype, zs.device, rows, kv_dtype)
+        if key in self._buffers:
+            xs, cache = self._buffers[key]
+            cache.kv.zero_()
+            return xs, cache
+        xs = torch.empty_like(zs)
+        cache = DecodeCache.allocate(self.model.config, rows, device=zs.device, dtype=kv_dtype)
+        if self._persistent:
+            # Same memory at every call: CUDA graphs replay on fixed addresses.
+            torch._dynamo.mark_static_address(xs)
+            torch._dynamo.mark_static_address(cache.kv)
+            self._buffers[key] = (xs, cache)
+        return xs, cache
+
+
+def _decode_embedding(block: MetaBlock, y: Tensor | None, batch: int, cfg: bool,
+                      uncond_temperature: float) -> tuple[Tensor, Tensor | None]:
+    """Token-major embeddings ``(T, G, B or 1, width)`` of the ``G`` row groups (1, or
+    2 with guidance: conditional, unconditional) and the per-row query scale."""
+    pos = block.permute(block.pos_embed, dim=0)[:, None]  # (T, 1, W)
+    groups = [block.class_vector(y, batch)]
+    if cfg:
+        groups.append(block.class_vector(None, batch))
+    embs = [pos if c is None else pos + c.transpose(0, 1) for c in groups]
+    width = max(e.shape[1] for e in embs)
+    emb = torch.stack([e.expand(-1, width, -1) for e in embs], dim=1).contiguous()
+    q_scale = None
+    if cfg and uncond_temperature != 1.0:
+        q_scale = torch.ones(2 * batch, 1, 1, 1, device=emb.device)
+        q_scale[batch:] = 1.0 / uncond_temperature
+    return emb, q_scale
+
+
+def _decode_token(p: DecodeParams, xs: Tensor, zs: Tensor, emb: Tensor, cache: DecodeCache,
+                  position: Tensor, following: Tensor, weight: Tensor, cfg: bool,
+                  q_scale: Tensor | None, length: int | None) -> None:
+    """One sequential step: token ``position`` in, token ``following`` written into
+    ``xs``.  Fixed shapes when ``length`` is None (see :func:`decode_step`)."""
+    x_t = xs.index_select(0, position)[0]
+    out = decode_step(p, x_t, emb.index_select(0, position)[0], cache, position,
+                      length=length, q_scale=q_scale)
+    out = wide(out)
+    if cfg:
+        B = xs.shape[1]
+        out = torch.lerp(out[B:], out[:B], weight)
+    a, mu = out.split(zs.shape[-1], dim=-1)
+    z_next = zs.index_select(0, following)[0]
+    new = torch.addcmul(mu, z_next, torch.exp(a)).to(xs.dtype)
+    xs.index_copy_(0, following, new.unsqueeze(0))
+
+
+def sample_sequential(
+    model: TarFlow,
+    z: Tensor,
+    y: Tensor | None = None,
+    *,
+    guidance: float = 0.0,
+    anneal_guidance: bool = False,
+    uncond_temperature: float = 1.0,
+) -> Tensor:
+    """Images from noise by the fast sequential sampler (:class:`SequentialDecoder`):
+    ``reverse(model, z, y, ...).images`` with the sequential strategy, up to float32
+    rounding, in less time and without per-block solver results."""
+    return SequentialDecoder(model)(z, y, guidance=guidance, anneal_guidance=anneal_guidance,
+                                    uncond_temperature=uncond_temperature)
 
 
 # --------------------------------------------------------------------------------------
