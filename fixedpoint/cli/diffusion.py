@@ -12,6 +12,16 @@ sliding window, ``--window``), ``paradigms`` (the window with ParaDiGMS's noise-
 RMS rule, ``--tau``), ``gs-jacobi`` (block Picard, ``--blocks``) or
 ``triangular-anderson`` (ParaTAA); ``--form`` picks the Picard (integral) or the Markov
 form of the chain.
+
+Few-step samplers (``sample`` only; ``--steps`` is then the budget of network
+evaluations): ``dpmpp-2m``, ``dpmpp-3m``, ``unipc``, ``pndm``, ``heun-k`` (diffusers'
+schedulers), ``ipndm``, ``amed`` and ``amed-plugin`` (with ``--predictor``, trained by
+``amed-train``) and ``boss`` (a BOSS grid of Euler steps; ``--method`` other than
+sequential solves it in parallel), on ``--grid`` or ``--grid-timesteps``::
+
+    fixedpoint diffusion amed-train --model DIR --kind amed --steps 5 --out amed5.pt
+    fixedpoint diffusion sample --model DIR --sampler amed --steps 5 --predictor amed5.pt
+    fixedpoint diffusion sample --model DIR --sampler dpmpp-3m --steps 5 --grid logsnr
 """
 
 from __future__ import annotations
@@ -38,6 +48,18 @@ from .common import (
 )
 
 SAMPLERS = ("ddim", "ddpm", "euler", "heun")
+# Few-step samplers: CLI name -> fixedpoint.diffusion.fewstep name ("heun-k": diffusers'
+# Heun with an NFE budget, unlike the chain sampler "heun" with a step count).
+FEWSTEP = {
+    "dpmpp-2m": "dpmpp-2m",
+    "dpmpp-3m": "dpmpp-3m",
+    "unipc": "unipc",
+    "pndm": "pndm",
+    "heun-k": "heun",
+    "ipndm": "ipndm",
+}
+LEARNED = ("amed", "amed-plugin", "boss")
+GRIDS = ("uniform", "polynomial", "logsnr")
 METHODS = ("sequential", "jacobi", "window", "paradigms", "gs-jacobi", "triangular-anderson")
 
 
@@ -65,6 +87,28 @@ def register(subparsers: Any) -> None:
     add_quiet_option(train)
     train.set_defaults(func=_train, on_interrupt=RESUMES)
 
+    amed = sub.add_parser("amed-train", help="distil an AMED predictor for a model")
+    amed.add_argument("--model", required=True, metavar="DIR")
+    amed.add_argument("--kind", choices=("amed", "amed-plugin"), default="amed")
+    amed.add_argument(
+        "--steps", type=checked_int(1, 100), default=5, help="NFE budget of the student"
+    )
+    amed.add_argument("--grid", choices=GRIDS, default="polynomial")
+    amed.add_argument("--samples", type=positive_int, default=512)
+    amed.add_argument("--epochs", type=positive_int, default=2)
+    amed.add_argument("--batch-size", type=positive_int, default=64)
+    amed.add_argument(
+        "--teacher-extra",
+        type=checked_int(0, 20),
+        default=1,
+        help="teacher (Heun) grid points between two student points",
+    )
+    amed.add_argument("--out", required=True, metavar="PATH")
+    add_seed_option(amed)
+    add_threads_option(amed)
+    add_quiet_option(amed)
+    amed.set_defaults(func=_amed_train)
+
     for name, helptext in (
         ("sample", "draw samples, write a PNG grid and the costs"),
         ("generate", "many samples in resumable shards (torchrun-ready)"),
@@ -76,7 +120,8 @@ def register(subparsers: Any) -> None:
             metavar="DIR",
             help="a diffusers model directory (save_pretrained)",
         )
-        p.add_argument("--sampler", choices=SAMPLERS, default="ddim")
+        choices = SAMPLERS + tuple(FEWSTEP) + LEARNED if name == "sample" else SAMPLERS
+        p.add_argument("--sampler", choices=choices, default="ddim")
         p.add_argument("--steps", type=checked_int(1, 10_000), default=100)
         p.add_argument("--method", choices=METHODS, default="window")
         p.add_argument("--form", choices=("picard", "markov"), default="picard")
@@ -107,6 +152,19 @@ def register(subparsers: Any) -> None:
     sample = sub.choices["sample"]
     sample.add_argument("--num-samples", type=checked_int(1, 4096), default=16)
     sample.add_argument("--out", default="diffusion-samples.png")
+    sample.add_argument(
+        "--grid",
+        choices=GRIDS,
+        default=None,
+        help="time grid of a few-step sampler (default: uniform for pndm, else polynomial)",
+    )
+    sample.add_argument(
+        "--grid-timesteps",
+        default=None,
+        metavar="T0,T1,...",
+        help="a few-step sampler's own grid: --steps + 1 decreasing timesteps",
+    )
+    sample.add_argument("--predictor", default=None, metavar="PATH", help="AMED predictor")
     sample.add_argument(
         "--compare",
         action="store_true",
@@ -185,6 +243,8 @@ def _load(args: argparse.Namespace, spec: Any) -> Any:
 def _sample(args: argparse.Namespace) -> int:
     from fixedpoint.diffusion.generate import GenerateError, sample_batch
 
+    if args.sampler in FEWSTEP or args.sampler in LEARNED:
+        return _sample_fewstep(args)
     spec = _spec(args)
     model = _load(args, spec)
     indices = range(args.num_samples)
@@ -268,3 +328,146 @@ def _meter(model: Any) -> Any:
     with user_errors(DatasetError):
         data = load_dataset(name)
     return QualityMeter.for_dataset(data, cache_dir=".cache/classifiers")
+
+
+# --------------------------------------------------------------- few-step samplers
+
+
+def _grid(args: argparse.Namespace) -> Any:
+    from fixedpoint.diffusion import fewstep
+
+    if args.grid_timesteps is not None:
+        if args.grid is not None:
+            raise UserError("give --grid or --grid-timesteps, not both")
+        try:
+            values = tuple(float(v) for v in args.grid_timesteps.split(","))
+        except ValueError:
+            raise UserError(
+                f"--grid-timesteps must be comma-separated numbers, got {args.grid_timesteps!r}"
+            ) from None
+        return fewstep.CustomGrid(values)
+    return None if args.grid is None else fewstep.GRIDS[args.grid]()
+
+
+def _fewstep_sampler(args: argparse.Namespace, model: Any) -> Any:
+    from fixedpoint.diffusion import amed, fewstep
+
+    grid = _grid(args)
+    with user_errors(fewstep.FewStepError):
+        if args.sampler in FEWSTEP:
+            return fewstep.make_sampler(FEWSTEP[args.sampler], model.schedule, args.steps, grid)
+        if args.sampler in ("amed", "amed-plugin"):
+            if args.predictor is None:
+                raise UserError(f"--sampler {args.sampler} needs --predictor (see amed-train)")
+            sampler = amed.load_amed(args.predictor, model)
+            kind = "amed" if isinstance(sampler, amed.AMEDSolver) else "amed-plugin"
+            if kind != args.sampler or sampler.nfe != args.steps:
+                raise UserError(
+                    f"{args.predictor} holds an {kind} predictor for {sampler.nfe} "
+                    f"evaluations, not {args.sampler} with --steps {args.steps}"
+                )
+            if grid is not None and grid != sampler.grid:
+                raise UserError(f"{args.predictor} was trained on the {sampler.grid.name} grid")
+            return sampler
+    raise UserError(f"--sampler {args.sampler} is not available")  # pragma: no cover
+
+
+def _boss(args: argparse.Namespace, model: Any, x: Any, labels: Any) -> tuple[Any, int, int]:
+    """A BOSS grid for the model's probability-flow ODE, sampled (in parallel with a
+    --method other than sequential).  Returns (images, dependent calls, rows)."""
+    try:
+        import fixedpoint.diffusion.boss as boss
+    except ImportError:
+        raise UserError("--sampler boss needs fixedpoint.diffusion.boss") from None
+    from fixedpoint.diffusion import PicardMap, sample_loop, solve_chain
+
+    flow = boss.probability_flow(model)
+    with user_errors(boss.BossError):
+        grid = boss.boss_grid(flow, args.steps, seed=args.seed)
+    chain = grid.chain()
+    start = flow.start(x)
+    if args.method == "sequential":
+        images = sample_loop(chain, flow.denoiser, start, labels=labels, guidance=args.guidance)
+        rows = len(chain) * len(x) * (2 if args.guidance is not None else 1)
+        return images, len(chain), rows
+    from fixedpoint.diffusion.generate import SamplerSpec
+
+    spec = SamplerSpec(
+        method=args.method,
+        window=args.window,
+        atol=args.atol,
+        rtol=args.rtol,
+        tau=args.tau,
+        blocks=args.blocks,
+    )
+    fmap = PicardMap(chain, flow.denoiser, start, labels=labels, guidance=args.guidance)
+    out = solve_chain(fmap, spec.solver(chain))
+    return out.sample, out.network.calls, out.network.rows
+
+
+def _sample_fewstep(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from fixedpoint.diffusion import ModelError, load_model
+    from fixedpoint.diffusion.generate import hash_seed
+
+    with user_errors(ModelError):
+        model = load_model(args.model)
+    if args.guidance is not None and model.num_classes is None:
+        raise UserError("--guidance needs a class-conditional model; this one is unconditional")
+    n = args.num_samples
+    gens = [torch.Generator().manual_seed(hash_seed(args.seed, i)) for i in range(n)]
+    x = torch.stack([torch.randn(model.sample_shape, generator=g) for g in gens])
+    labels = None
+    if model.num_classes is not None:
+        labels = torch.arange(n) % model.num_classes
+    start = time.perf_counter()
+    if args.sampler == "boss":
+        images, calls, rows = _boss(args, model, x, labels)
+        what = f"boss-{args.steps} by {args.method}"
+    else:
+        sampler = _fewstep_sampler(args, model)
+        with user_errors(ValueError):
+            out = sampler.sample(model.denoiser(), x, labels, args.guidance)
+        images, calls, rows = out.sample, out.network.calls, out.network.rows
+        grid = getattr(sampler, "grid", None)
+        what = f"{args.sampler} at NFE {sampler.nfe}" + (
+            f" ({grid.name} grid)" if grid is not None else ""
+        )
+    seconds = time.perf_counter() - start
+    if not bool(torch.isfinite(images).all()):
+        raise CommandFailed("non-finite samples")
+    path = save_grid(_crop(model, images), args.out)
+    print(
+        f"{n} samples, {what}: {calls} dependent network calls, {rows / n:.0f} network rows "
+        f"per sample, {seconds:.2f} s; wrote {path}"
+    )
+    return 0
+
+
+def _amed_train(args: argparse.Namespace) -> int:
+    from fixedpoint.diffusion import ModelError, amed, fewstep, load_model
+
+    with user_errors(ModelError):
+        model = load_model(args.model)
+    cfg = amed.AMEDTrainConfig(
+        kind=args.kind,
+        nfe=args.steps,
+        grid=fewstep.GRIDS[args.grid](),
+        teacher_extra=args.teacher_extra,
+        samples=args.samples,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    note(args, f"distilling {args.kind} at NFE {args.steps} for {args.model} into {args.out}")
+    with user_errors(fewstep.FewStepError):
+        sampler, report = amed.train_amed(model, cfg, args.out, progress=not args.quiet)
+    print(
+        f"{args.kind} predictor for NFE {sampler.nfe} ({sampler.steps} intervals, "
+        f"{cfg.grid.name} grid): distillation loss {report['losses'][0]:.4g} -> "
+        f"{report['losses'][-1]:.4g}, {report['seconds']:.0f} s; wrote {args.out}"
+    )
+    return 0

@@ -13,8 +13,11 @@ are whole images, solved by the same core as every other application.
 * :mod:`.train`: DDPM training with exact resume; :mod:`.diagnostics`: the wavefront.
 * :mod:`.flow`: the flow-matching (velocity) UNet; :mod:`.boss`: both models' ODE in one
   time, reference trajectories, and BOSS's Bellman-optimal Euler step sizes.
+* :mod:`.fewstep`: few-step samplers (diffusers' schedulers, iPNDM) behind one interface;
+  :mod:`.amed`: AMED-Solver and AMED-Plugin, their predictor and its distillation.
 """
 
+from .amed import AMEDError, AMEDPlugin, AMEDSolver, load_amed, train_amed
 from .boss import (
     BossError,
     BossGrid,
@@ -35,6 +38,14 @@ from .boss import (
 )
 from .chain import Chain, DDIMChain, DDPMChain, EulerChain, HeunChain
 from .diagnostics import RecordingMap, error_by_step, network_call_seconds
+from .fewstep import (
+    FewStepError,
+    FewStepSample,
+    LogSNRGrid,
+    PolynomialGrid,
+    UniformGrid,
+    make_sampler,
+)
 from .flow import FlowModel, load_flow_model
 from .maps import ChainMap, MarkovMap, PicardMap
 from .mixture import GaussianMixture, MixtureDenoiser
@@ -50,6 +61,17 @@ from .sampling import (
 from .schedule import NoiseSchedule, ScheduleError
 
 __all__ = [
+    "AMEDError",
+    "AMEDPlugin",
+    "AMEDSolver",
+    "FewStepError",
+    "FewStepSample",
+    "LogSNRGrid",
+    "PolynomialGrid",
+    "UniformGrid",
+    "load_amed",
+    "make_sampler",
+    "train_amed",
     "BossError",
     "BossGrid",
     "FlowEulerChain",
