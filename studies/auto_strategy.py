@@ -1,30 +1,55 @@
-"""Automatic strategy: per block, the cheapest plan that meets an error budget.
+"""Automatic strategy: per block, the best plan within an error budget, for an objective.
 
-For a target batch size, every block is tried on a calibration batch (its own noise
-seed, never the evaluation noise) with candidate plans: sequential, Jacobi, GS-Jacobi
-with 2/4/8 modules and triangular Anderson, each at several tolerances, starting from
-the initial guess that IGM prefers.  A candidate's time is *predicted* by the measured
-cost model from its dependent steps and token evaluations scaled to the target batch.
-Each block gets the cheapest candidate whose error against that block's sequential
-solution stays within its share of the budget; the assembled strategy is then checked
-end to end and the shares are tightened until the final samples meet the budget.
+Every block is tried on a calibration batch (its own noise seed, never the evaluation
+noise) with candidate plans, each block from its exact input along the sequential
+trajectory; a candidate's error is its distance to that block's sequential solution.
+Each block then gets the best candidate whose error stays within its share of the
+budget, *best* by the :class:`~fixedpoint.tarflow.strategy.Objective`:
+
+* ``WALLCLOCK`` (the device at hand): the shortest time the measured cost model predicts
+  from the candidate's dependent steps and token evaluations scaled to the target batch.
+  Candidates: Jacobi, GS-Jacobi with 2/4/8 modules and triangular Anderson at the
+  tolerances :data:`TOLERANCES`, from the initial guess IGM prefers (and sequential).
+* ``LATENCY`` (a latency-bound device): the fewest dependent steps, then the fewest token
+  evaluations.  The tolerances go further down (:data:`LATENCY_TOLERANCES`: a step is
+  worth saving even at a small tolerance) and both initial guesses are tried.
+
+The assembled strategy is checked end to end on the calibration batch and the shares are
+tightened until the final samples stay within ``margin * budget``: the margin leaves room
+for the evaluation batch, whose worst sample is worse than the calibration batch's
+(more samples, other noise).  The candidate solves do not depend on the shares, so each
+block is solved once per candidate and re-selected each round.
+
+    python -m studies.auto_strategy --checkpoint PATH [--checkpoint PATH ...]
+
+measures both objectives on trained checkpoints (dependent steps and deviation on an
+evaluation batch per strategy) and writes ``auto_strategy-<name>.json``.
 """
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 import fixedpoint as fp
 from fixedpoint.quality import deviation
 from fixedpoint.tarflow import BlockInverse, BlockPlan, InitialGuess, Sample, Strategy, TarFlow
+from fixedpoint.tarflow.strategy import Objective
 
 from .costmodel import CostModel
-from .lib import BUDGET, GUIDANCE, noise, sample, sequential_strategy, totals
+from .lib import BUDGET, GUIDANCE, SEED, TOL, noise, sample, sequential_strategy, totals
 
 CALIBRATION_SEED = 1234
 TOLERANCES = (1e-2, 3e-3, 1e-3, 3e-4, 1e-4)
+LATENCY_TOLERANCES = (*TOLERANCES, 3e-5, 1e-5)
+# The end-to-end check on the calibration batch asks for margin * budget.
+MARGIN = 0.5
+
+Candidates = Callable[[int, float], list[fp.Method]]
 
 
 @dataclass(frozen=True)
@@ -34,13 +59,21 @@ class Choice:
     error: float
     steps: int
     tokens: int
-    predicted_s: float
+    predicted_s: float | None
+    converged: bool = True
 
 
 def candidates(seq_len: int, tol: float) -> list[fp.Method]:
+    """The wall-clock candidates at one tolerance."""
     methods: list[fp.Method] = [fp.Jacobi(atol=tol), fp.TriangularAnderson(atol=tol)]
     methods += [fp.GSJacobi(modules=g, atol=tol) for g in (2, 4, 8) if g < seq_len]
     return methods
+
+
+def with_newton(seq_len: int, tol: float) -> list[fp.Method]:
+    """The wall-clock candidates and damped Newton (its Jacobian costs ``T x d``
+    directional derivatives per iteration: slow to calibrate on a CPU)."""
+    return [*candidates(seq_len, tol), fp.Newton(atol=tol)]
 
 
 def block_inputs(model: TarFlow, ref: Sample) -> list[torch.Tensor]:
@@ -55,49 +88,186 @@ def block_inputs(model: TarFlow, ref: Sample) -> list[torch.Tensor]:
     return inputs
 
 
-def choose(model: TarFlow, cost: CostModel, target_batch: int, igm_inits: list[InitialGuess],
-           calibration: int = 8, budget: float = BUDGET) -> dict:
+def _predict(cost: CostModel | None, method: fp.Method, steps: int, tokens: int,
+             scale: float) -> float | None:
+    if cost is None or type(method).__name__ not in cost.overhead:
+        return None
+    return cost.predict_solve(method, steps, int(tokens * scale))
+
+
+def _trials(model: TarFlow, k: int, z: torch.Tensor, y: torch.Tensor | None,
+            exact: torch.Tensor, plans: Sequence[BlockPlan], cost: CostModel | None,
+            scale: float) -> list[Choice]:
+    """Block ``k`` solved with every plan from its exact input ``z``; sequential first."""
+    fmap = BlockInverse(model, k, z, y, guidance=GUIDANCE)
+    seq = fp.solve(fmap, z, fp.Sequential())
+    out = [Choice(k, BlockPlan(fp.Sequential()), 0.0, seq.dependent_steps, seq.token_evals,
+                  _predict(cost, fp.Sequential(), seq.dependent_steps, seq.token_evals,
+                           scale))]
+    for plan in plans:
+        r = fp.solve(fmap, plan.init.start(z), plan.method)
+        out.append(Choice(k, plan, float((r.x - exact).abs().max()), r.dependent_steps,
+                          r.token_evals, _predict(cost, plan.method, r.dependent_steps,
+                                                  r.token_evals, scale),
+                          bool(r.converged.all())))
+    return out
+
+
+def _best(trials: Sequence[Choice], limit: float, objective: Objective) -> Choice:
+    ok = [t for t in trials if t.converged and t.error <= limit]
+    return min(ok, key=lambda t: objective.key(t.steps, t.tokens, t.predicted_s))
+
+
+def choose(model: TarFlow, cost: CostModel | None, target_batch: int,
+           igm_inits: list[InitialGuess], calibration: int = 8, budget: float = BUDGET,
+           objective: Objective = Objective.WALLCLOCK, margin: float = MARGIN,
+           methods: Candidates | None = None,
+           tolerances: Sequence[float] | None = None) -> dict:
+    """The automatic strategy for ``objective``; see the module docstring.
+
+    ``cost`` (the cost model at ``target_batch``) is required for ``WALLCLOCK``; for
+    ``LATENCY`` it only fills the predicted times.  ``methods`` / ``tolerances``
+    override the objective's candidate family.
+    """
+    if objective is Objective.WALLCLOCK and cost is None:
+        raise ValueError("the wallclock objective needs a cost model")
+    if not 0 < margin <= 1:
+        raise ValueError(f"margin must be in (0, 1], got {margin!r}")
     c = model.config
+    latency = objective is Objective.LATENCY
+    methods = methods or candidates
+    tolerances = tolerances or (LATENCY_TOLERANCES if latency else TOLERANCES)
     z, y = noise(model, calibration, seed=CALIBRATION_SEED)
     ref = sample(model, z, y, sequential_strategy(c.blocks))
     inputs = block_inputs(model, ref)
     scale = target_batch / calibration
+    trials = []
+    for k in range(c.blocks):
+        inits = tuple(InitialGuess) if latency else (igm_inits[k],)
+        plans = [BlockPlan(m, i) for tol in tolerances for m in methods(c.seq_len, tol)
+                 for i in inits]
+        trials.append(_trials(model, k, inputs[k], y, ref.blocks[k].x, plans, cost, scale))
     share = 1.0 / c.blocks
     rounds = []
-    for _ in range(4):
-        plans, chosen = [], []
-        for k in range(c.blocks):
-            fmap = BlockInverse(model, k, inputs[k], y, guidance=GUIDANCE)
-            seq = fp.solve(fmap, inputs[k], fp.Sequential())
-            best = Choice(k, BlockPlan(fp.Sequential()), 0.0, seq.dependent_steps,
-                          seq.token_evals, cost.predict_solve(
-                              fp.Sequential(), seq.dependent_steps,
-                              int(seq.token_evals * scale)))
-            for tol in TOLERANCES:
-                for method in candidates(c.seq_len, tol):
-                    x0 = igm_inits[k].start(inputs[k])
-                    r = fp.solve(fmap, x0, method)
-                    err = float((r.x - ref.blocks[k].x).abs().max())
-                    if not r.converged.all() or err > budget * share:
-                        continue
-                    t = cost.predict_solve(method, r.dependent_steps,
-                                           int(r.token_evals * scale))
-                    if t < best.predicted_s:
-                        best = Choice(k, BlockPlan(method, igm_inits[k]), err,
-                                      r.dependent_steps, r.token_evals, t)
-            chosen.append(best)
-            plans.append(best.plan)
-        strategy = Strategy(tuple(plans))
+    for _ in range(6):
+        chosen = [_best(t, margin * budget * share, objective) for t in trials]
+        strategy = Strategy(tuple(ch.plan for ch in chosen))
         check = sample(model, z, y, strategy)
         dev = deviation(check.x, ref.x)
-        rounds.append({"share": share, "deviation": dev, "strategy": strategy.describe()})
-        if dev["max_abs"] <= budget:
+        rounds.append({"share": share, "deviation": dev, "strategy": strategy.describe(),
+                       "dependent_steps": totals(check)["dependent_steps"]})
+        if dev["max_abs"] <= margin * budget:
             break
         share /= 4  # errors grew through later blocks: ask every block for less
+    predicted = [ch.predicted_s for ch in chosen]
     return {
+        "objective": objective.value,
+        "margin": margin,
         "strategy": strategy,
         "choices": chosen,
         "rounds": rounds,
-        "predicted_s": cost.per_run + sum(ch.predicted_s for ch in chosen),
+        "predicted_s": (None if cost is None or None in predicted
+                        else cost.per_run + sum(predicted)),
         "calibration_totals": totals(check),
     }
+
+
+# ---- the measurement on trained checkpoints ------------------------------------------------
+
+
+def measure(model: TarFlow, name: str, eval_batch: int, calibration: int, margin: float,
+            cost_batch: int, out_dir: Path, newton: bool) -> dict:
+    """Dependent steps and deviation on the evaluation batch for the simple strategies
+    and the automatic strategy under both objectives."""
+    from . import costmodel
+    from .common import timed, write_json
+    from .speedup import igm_inits
+
+    c = model.config
+    K = c.blocks
+    inits = igm_inits(_igm_table(model))
+    with timed(f"{name}: cost model at batch {cost_batch}"):
+        cost = costmodel.fit(model, cost_batch, repeats=2)
+    auto = {}
+    for objective in Objective:
+        with timed(f"{name}: automatic strategy, {objective.value}"):
+            auto[objective] = choose(model, cost, cost_batch, inits, calibration=calibration,
+                                     objective=objective, margin=margin,
+                                     methods=with_newton if newton and objective is
+                                     Objective.LATENCY else None)
+    plans = {
+        "sequential": sequential_strategy(K),
+        "jacobi": Strategy.uniform(fp.Jacobi(atol=TOL), K),
+        "triangular anderson": Strategy.uniform(fp.TriangularAnderson(atol=TOL), K),
+        **{f"auto ({o.value})": a["strategy"] for o, a in auto.items()},
+    }
+    z, y = noise(model, eval_batch, seed=SEED)
+    rows = []
+    reference = None
+    for label, strategy in plans.items():
+        with timed(f"{name}: {label} on {eval_batch} samples"):
+            s = sample(model, z, y, strategy)
+        reference = reference if reference is not None else s
+        t = totals(s)
+        rows.append({"strategy": label, "spec": strategy.describe(), **t,
+                     "deviation": deviation(s.x, reference.x),
+                     "step_reduction": None})
+    for row in rows:
+        row["step_reduction"] = rows[0]["dependent_steps"] / row["dependent_steps"]
+    out = {"model": name, "seq_len": c.seq_len, "blocks": K, "eval_batch": eval_batch,
+           "calibration_batch": calibration, "margin": margin, "budget": BUDGET,
+           "guidance": GUIDANCE, "threads": torch.get_num_threads(), "dtype": "float32",
+           "cost_model_batch": cost_batch,
+           "auto": {o.value: {k: v for k, v in a.items() if k not in ("strategy", "choices")}
+                    | {"choices": [{"block": ch.block, "plan": ch.plan.describe(),
+                                    "error": ch.error, "steps": ch.steps}
+                                   for ch in a["choices"]]}
+                    for o, a in auto.items()},
+           "rows": rows}
+    write_json(out_dir / f"auto_strategy-{name}.json", out, seed=SEED)
+    for r in rows:
+        print(f"{r['strategy']:>22}: {r['dependent_steps']:5d} steps "
+              f"({r['step_reduction']:.2f}x), max dev {r['deviation']['max_abs']:.2e}")
+    return out
+
+
+def _igm_table(model: TarFlow, images: int = 64) -> list:
+    """CRM / IGM on noisy training images, as studies/crm_igm.py computes them."""
+    from fixedpoint.data import load_dataset
+    from fixedpoint.tarflow import crm_igm_table
+
+    c = model.config
+    data = load_dataset("digits" if c.image_size == 8 else "mnist")
+    g = torch.Generator().manual_seed(SEED)
+    idx = torch.randperm(len(data.train_x), generator=g)[:images]
+    x = data.train_x[idx]
+    x = x + c.noise_std * torch.randn(x.shape, generator=g)
+    with torch.no_grad():
+        return crm_igm_table(model, x, data.train_y[idx], guidance=GUIDANCE)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from fixedpoint.tarflow.checkpoint import load_model
+
+    from .common import CACHE
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", action="append", required=True, type=Path)
+    parser.add_argument("--eval-batch", type=int, default=64)
+    parser.add_argument("--calibration", type=int, default=8)
+    parser.add_argument("--margin", type=float, default=MARGIN)
+    parser.add_argument("--cost-batch", type=int, default=1)
+    parser.add_argument("--newton", action="store_true",
+                        help="add damped Newton to the latency candidates")
+    parser.add_argument("--out-dir", type=Path, default=CACHE / "auto_strategy")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    for path in args.checkpoint:
+        model = load_model(path).eval()
+        name = path.parent.name
+        measure(model, name, args.eval_batch, args.calibration, args.margin,
+                args.cost_batch, args.out_dir, args.newton)
+
+
+if __name__ == "__main__":
+    main()

@@ -10,6 +10,7 @@ import torch
 
 import fixedpoint as fp
 from fixedpoint.tarflow import (
+    BlockInverse,
     BlockMetrics,
     BlockPlan,
     InitialGuess,
@@ -248,3 +249,61 @@ def test_igm_is_exact_from_the_true_input():
     for k, t in enumerate(model.block_traces(images)):
         fmap = BlockInverse(model, k, t.z.detach())
         torch.testing.assert_close(fmap(t.x.detach()), t.x.detach(), rtol=1e-5, atol=1e-5)
+
+
+# ---- the automatic strategy's objective ---------------------------------------------------
+
+
+def test_objective_parses_its_spelling_and_orders_candidates():
+    from fixedpoint.tarflow.strategy import Objective
+
+    assert Objective("latency") is Objective.LATENCY
+    assert Objective("wallclock") is Objective.WALLCLOCK
+    with pytest.raises(ValueError):
+        Objective("fast")
+    # (steps, tokens, seconds): latency ranks steps first, tokens break ties; wall-clock
+    # ranks the predicted seconds whatever the steps.
+    few_wide, many_narrow, few_narrow = (4, 9000, 2.0), (30, 300, 0.5), (4, 600, 0.9)
+    ranked = sorted([many_narrow, few_wide, few_narrow], key=lambda c: Objective.LATENCY.key(*c))
+    assert ranked == [few_narrow, few_wide, many_narrow]
+    ranked = sorted([many_narrow, few_wide, few_narrow],
+                    key=lambda c: Objective.WALLCLOCK.key(*c))
+    assert ranked == [many_narrow, few_narrow, few_wide]
+    with pytest.raises(ValueError, match="predicted time"):
+        Objective.WALLCLOCK.key(3, 10, None)
+
+
+@pytest.mark.slow
+def test_latency_objective_takes_the_fewest_steps_within_the_margin():
+    """On a small random model: the latency choice meets margin x budget end to end on
+    the calibration batch, never takes more steps than sequential, and each block's plan
+    has the fewest steps among that block's candidates within its share."""
+    from fixedpoint.tarflow.strategy import Objective
+    from studies import auto_strategy as auto
+
+    model = make_model(seed=1)
+    K, T = model.config.blocks, model.config.seq_len
+    kw = dict(calibration=2, tolerances=(1e-3, 1e-5))
+    with pytest.raises(ValueError, match="cost model"):
+        auto.choose(model, None, 1, [InitialGuess.NOISE] * K, **kw)
+    out = auto.choose(model, None, 1, [InitialGuess.NOISE] * K,
+                      objective=Objective.LATENCY, **kw)
+    final = out["rounds"][-1]
+    assert final["deviation"]["max_abs"] <= out["margin"] * auto.BUDGET
+    assert out["calibration_totals"]["dependent_steps"] <= K * (T - 1)
+    assert out["predicted_s"] is None  # no cost model given
+    steps = [ch.steps for ch in out["choices"]]
+    assert any(s < T - 1 for s in steps), "no block beat sequential on this model"
+    z, y = auto.noise(model, 2, seed=auto.CALIBRATION_SEED)
+    ref = auto.sample(model, z, y, auto.sequential_strategy(K))
+    inputs = auto.block_inputs(model, ref)
+    limit = out["margin"] * auto.BUDGET * final["share"]
+    for k, ch in enumerate(out["choices"]):
+        fmap = BlockInverse(model, k, inputs[k], y, guidance=auto.GUIDANCE)
+        for tol in kw["tolerances"]:
+            for method in auto.candidates(T, tol):
+                for init in InitialGuess:
+                    r = fp.solve(fmap, init.start(inputs[k]), method)
+                    err = float((r.x - ref.blocks[k].x).abs().max())
+                    if r.converged.all() and err <= limit:
+                        assert ch.steps <= r.dependent_steps, (k, method, init)

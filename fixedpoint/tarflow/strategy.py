@@ -30,7 +30,7 @@ from torch import Tensor
 
 import fixedpoint as fp
 
-__all__ = ["BlockPlan", "InitialGuess", "Strategy"]
+__all__ = ["BlockPlan", "InitialGuess", "Objective", "Strategy"]
 
 
 class InitialGuess(enum.Enum):
@@ -46,6 +46,30 @@ class InitialGuess(enum.Enum):
         x0 = torch.zeros_like(z)
         x0[:, :1] = z[:, :1]  # position 0 is known exactly: x_0 = z_0
         return x0
+
+
+class Objective(enum.Enum):
+    """What an automatic strategy minimises within its deviation budget.
+
+    ``LATENCY``: the fewest dependent steps (sequential network calls), ties broken by
+    the fewest token evaluations: the figure of merit on a latency-bound device (an
+    accelerator at small batch, the paper's setting), where a call costs about the same
+    whatever its width.  ``WALLCLOCK``: the shortest predicted wall-clock on the device
+    at hand, from a measured cost model (on a CPU a wide call costs its width).
+    ``Objective("latency")`` parses the command-line spelling.
+    """
+
+    LATENCY = "latency"
+    WALLCLOCK = "wallclock"
+
+    def key(self, steps: int, tokens: int, seconds: float | None) -> tuple[float, ...]:
+        """Sort key of a candidate (smaller is better); ``seconds`` is the predicted
+        wall-clock, needed by ``WALLCLOCK`` only."""
+        if self is Objective.LATENCY:
+            return (float(steps), float(tokens))
+        if seconds is None:
+            raise ValueError("the wallclock objective needs a predicted time per candidate")
+        return (seconds,)
 
 
 @dataclass(frozen=True)
