@@ -52,19 +52,19 @@ def test_bad_grids_and_budgets_are_refused(model):
     with pytest.raises(fs.FewStepError, match="not strictly decreasing"):
         fs.CustomGrid((999.0, 500.0, 700.0, 0.0)).timesteps(sig, 3)
     with pytest.raises(fs.FewStepError, match="positive int"):
-        fs.make_sampler("dpmpp-2m", model.schedule, 0)
+        fs.make_sampler("dpmpp-2m", model, 0)
     with pytest.raises(fs.FewStepError, match="positive int"):
         fs.UniformGrid().timesteps(sig, -1)
     with pytest.raises(fs.FewStepError, match="only its own uniform grid"):
-        fs.make_sampler("ddim", model.schedule, 5, fs.LogSNRGrid())
+        fs.make_sampler("ddim", model, 5, fs.LogSNRGrid())
     with pytest.raises(fs.FewStepError, match="unknown few-step sampler"):
-        fs.make_sampler("nope", model.schedule, 5)
+        fs.make_sampler("nope", model, 5)
 
 
 @pytest.mark.parametrize("name", list(fs.SAMPLERS))
 def test_every_sampler_is_finite_deterministic_and_counts_its_budget(model, noise, name):
     x, labels = noise
-    sampler = fs.make_sampler(name, model.schedule, 5)
+    sampler = fs.make_sampler(name, model, 5)
     a = sampler.sample(model.denoiser(), x, labels)
     b = sampler.sample(model.denoiser(), x, labels)
     assert a.sample.shape == x.shape and bool(torch.isfinite(a.sample).all())
@@ -88,7 +88,7 @@ def _diffusers_loop(scheduler, model, x, labels):
 
 def test_ddim_is_diffusers_ddim_and_our_ddim_chain(model, noise):
     x, labels = noise
-    out = fs.make_sampler("ddim", model.schedule, 6).sample(model.denoiser(), x, labels)
+    out = fs.make_sampler("ddim", model, 6).sample(model.denoiser(), x, labels)
     cfg = {**model.schedule.config, "timestep_spacing": "trailing", "set_alpha_to_one": False}
     chain = fd.DDIMChain.from_schedule(fd.NoiseSchedule(cfg), 6)
     ref = fd.sample_loop(chain, model.denoiser(), x, labels=labels)
@@ -100,7 +100,7 @@ def test_dpmpp_on_a_given_grid_matches_diffusers_native_spacing(model, noise):
 
     x, labels = noise
     for order in (2, 3):
-        ours = fs.make_sampler(f"dpmpp-{order}m", model.schedule, 6, fs.UniformGrid())
+        ours = fs.make_sampler(f"dpmpp-{order}m", model, 6, fs.UniformGrid())
         s = DPMSolverMultistepScheduler.from_config(
             {k: v for k, v in model.schedule.config.items() if not k.startswith("_")},
             algorithm_type="dpmsolver++",
@@ -117,7 +117,7 @@ def test_unipc_with_our_grid_matches_diffusers_native_spacing(model, noise):
     from diffusers import UniPCMultistepScheduler
 
     x, labels = noise
-    ours = fs.make_sampler("unipc", model.schedule, 6, fs.UniformGrid())
+    ours = fs.make_sampler("unipc", model, 6, fs.UniformGrid())
     s = UniPCMultistepScheduler.from_config(
         {k: v for k, v in model.schedule.config.items() if not k.startswith("_")},
         final_sigmas_type="sigma_min",
@@ -133,8 +133,8 @@ def test_euler_ddim_and_first_order_ipndm_agree(model, noise):
     # (K = 5 divides T: diffusers' DDIM steps to t - T // K, off the trailing grid otherwise.)
     x, labels = noise
     den = model.denoiser()
-    euler = fs.make_sampler("euler", model.schedule, 5, fs.UniformGrid()).sample(den, x, labels)
-    ddim = fs.make_sampler("ddim", model.schedule, 5).sample(den, x, labels)
+    euler = fs.make_sampler("euler", model, 5, fs.UniformGrid()).sample(den, x, labels)
+    ddim = fs.make_sampler("ddim", model, 5).sample(den, x, labels)
     ipndm1 = fs.IPNDM(model.schedule, 5, fs.UniformGrid(), order=1).sample(den, x, labels)
     torch.testing.assert_close(euler.sample, ddim.sample, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(ipndm1.sample, ddim.sample, rtol=1e-4, atol=1e-4)
@@ -150,7 +150,9 @@ def test_a_velocity_model_is_refused(model, noise):
         null_label = None
 
     with pytest.raises(fs.FewStepError, match="velocity"):
-        fs.make_sampler("ipndm", model.schedule, 4).sample(Velocity(), noise[0])
+        fs.make_sampler("ipndm", model, 4).sample(Velocity(), noise[0])
+    with pytest.raises(fs.FewStepError, match="velocity"):
+        fs.make_sampler("ipndm", Velocity(), 4)
 
 
 @pytest.fixture(scope="module")
@@ -214,3 +216,10 @@ def test_cli_refuses_a_velocity_model_directory(model, tmp_path, capsys):
     path.write_text(json.dumps(cfg))
     assert _sample(tmp_path / "v", tmp_path, "--sampler", "ipndm", "--steps", "3") == 2
     assert "epsilon" in capsys.readouterr().err
+
+
+def test_the_cli_offers_every_training_preset():
+    from fixedpoint.cli import diffusion as cli
+    from fixedpoint.diffusion.train import PRESETS
+
+    assert set(cli.PRESETS) == set(PRESETS)

@@ -60,6 +60,9 @@ FEWSTEP = {
 }
 LEARNED = ("amed", "amed-plugin", "boss")
 GRIDS = ("uniform", "polynomial", "logsnr")
+# fixedpoint.diffusion.train.PRESETS's names, spelled out so that building the parser
+# loads no application (a test checks that the two agree).
+PRESETS = ("digits", "mnist", "flow-digits", "flow-mnist")
 METHODS = ("sequential", "jacobi", "window", "paradigms", "gs-jacobi", "triangular-anderson")
 
 
@@ -73,7 +76,7 @@ def register(subparsers: Any) -> None:
     sub = group.add_subparsers(dest="diffusion_command", required=True, metavar="COMMAND")
 
     train = sub.add_parser("train", help="train a UNet (DDPM objective), report test loss")
-    train.add_argument("--preset", choices=("digits", "mnist"), default="digits")
+    train.add_argument("--preset", choices=PRESETS, default="digits")
     train.add_argument("--steps", type=positive_int, default=None)
     train.add_argument("--out-dir", default=None, help="default: the preset's")
     train.add_argument(
@@ -355,7 +358,7 @@ def _fewstep_sampler(args: argparse.Namespace, model: Any) -> Any:
     grid = _grid(args)
     with user_errors(fewstep.FewStepError):
         if args.sampler in FEWSTEP:
-            return fewstep.make_sampler(FEWSTEP[args.sampler], model.schedule, args.steps, grid)
+            return fewstep.make_sampler(FEWSTEP[args.sampler], model, args.steps, grid)
         if args.sampler in ("amed", "amed-plugin"):
             if args.predictor is None:
                 raise UserError(f"--sampler {args.sampler} needs --predictor (see amed-train)")
@@ -372,20 +375,22 @@ def _fewstep_sampler(args: argparse.Namespace, model: Any) -> Any:
     raise UserError(f"--sampler {args.sampler} is not available")  # pragma: no cover
 
 
-def _boss(args: argparse.Namespace, model: Any, x: Any, labels: Any) -> tuple[Any, int, int]:
-    """A BOSS grid for the model's probability-flow ODE, sampled (in parallel with a
-    --method other than sequential).  Returns (images, dependent calls, rows)."""
-    try:
-        import fixedpoint.diffusion.boss as boss
-    except ImportError:
-        raise UserError("--sampler boss needs fixedpoint.diffusion.boss") from None
-    from fixedpoint.diffusion import PicardMap, sample_loop, solve_chain
+def _boss(args: argparse.Namespace, x: Any, labels: Any) -> tuple[Any, int, int]:
+    """A BOSS grid for the model's probability-flow ODE (noise or velocity model), sampled
+    sequentially or, with a --method other than sequential, in parallel.  Returns
+    (images, dependent calls, rows)."""
+    import torch
 
-    flow = boss.probability_flow(model)
+    from fixedpoint.diffusion import PicardMap, boss, sample_loop, solve_chain
+
+    flow = args.flow
+    ref_labels = None
+    if flow.denoiser.num_classes is not None:
+        ref_labels = torch.arange(100) % flow.denoiser.num_classes
     with user_errors(boss.BossError):
-        grid = boss.boss_grid(flow, args.steps, seed=args.seed)
-    chain = grid.chain()
-    start = flow.start(x)
+        grid = boss.boss_grid(flow, args.steps, seed=args.seed, labels=ref_labels)
+    chain = grid.chain(flow)
+    start = chain.start(x)
     if args.method == "sequential":
         images = sample_loop(chain, flow.denoiser, start, labels=labels, guidance=args.guidance)
         rows = len(chain) * len(x) * (2 if args.guidance is not None else 1)
@@ -414,7 +419,13 @@ def _sample_fewstep(args: argparse.Namespace) -> int:
     from fixedpoint.diffusion.generate import hash_seed
 
     with user_errors(ModelError):
-        model = load_model(args.model)
+        if args.sampler == "boss":  # BOSS takes noise and velocity (flow-matching) models
+            from fixedpoint.diffusion import load_flow
+
+            args.flow = load_flow(args.model)
+            model = args.flow.model
+        else:
+            model = load_model(args.model)
     if args.guidance is not None and model.num_classes is None:
         raise UserError("--guidance needs a class-conditional model; this one is unconditional")
     n = args.num_samples
@@ -425,7 +436,7 @@ def _sample_fewstep(args: argparse.Namespace) -> int:
         labels = torch.arange(n) % model.num_classes
     start = time.perf_counter()
     if args.sampler == "boss":
-        images, calls, rows = _boss(args, model, x, labels)
+        images, calls, rows = _boss(args, x, labels)
         what = f"boss-{args.steps} by {args.method}"
     else:
         sampler = _fewstep_sampler(args, model)

@@ -63,6 +63,7 @@ from .fewstep import (
     Sigmas,
     _check_input,
     ab_combination,
+    check_noise_model,
 )
 from .maps import Denoiser
 from .model import DiffusionModel
@@ -368,6 +369,7 @@ def load_amed(path: str | Path, model: DiffusionModel) -> _AMED:
         raise AMEDError(f"{path}: not an AMED predictor ({str(exc).splitlines()[0]})") from None
     if not isinstance(saved, dict) or saved.get("format") != FORMAT:
         raise AMEDError(f"{path}: not an AMED predictor of this version")
+    check_noise_model(model)
     mine = model_fingerprint(model)
     if saved["fingerprint"] != mine:
         raise AMEDError(
@@ -472,6 +474,7 @@ def train_amed(
     same configuration and model is loaded instead of training again.
     """
     cfg.validate()
+    check_noise_model(model)
     steps, afs = amed_for_budget(cfg.nfe)
     settings = {k: v for k, v in cfg.__dict__.items() if k != "grid"}
     settings["grid"] = _grid_json(cfg.grid)

@@ -67,6 +67,7 @@ __all__ = [
     "SchedulerSampler",
     "Sigmas",
     "UniformGrid",
+    "check_noise_model",
     "make_sampler",
 ]
 
@@ -679,17 +680,27 @@ SAMPLERS: dict[str, Callable[[NoiseSchedule, int, Grid], FewStepSampler]] = {
 trained predictor)."""
 
 
-def make_sampler(
-    name: str, schedule: NoiseSchedule, nfe: int, grid: Grid | None = None
-) -> FewStepSampler:
-    """The few-step sampler ``name`` with an NFE budget of ``nfe`` on ``grid``.
+def make_sampler(name: str, model: Any, nfe: int, grid: Grid | None = None) -> FewStepSampler:
+    """The few-step sampler ``name`` for ``model`` with an NFE budget of ``nfe`` on ``grid``.
 
-    ``grid`` defaults to the uniform grid for DDIM and PNDM (their only one) and to the
-    polynomial (``rho = 7``) grid otherwise.
+    ``model`` is a noise-prediction :class:`~fixedpoint.diffusion.DiffusionModel` (a
+    velocity model is refused).  ``grid`` defaults to the uniform grid for DDIM and PNDM
+    (their only one) and to the polynomial (``rho = 7``) grid otherwise.
     """
     if name not in SAMPLERS:
         raise FewStepError(f"unknown few-step sampler {name!r} (one of {', '.join(SAMPLERS)})")
+    check_noise_model(model)
     _check_steps(nfe)
     if grid is None:
         grid = UniformGrid() if name in ("ddim", "pndm") else PolynomialGrid()
-    return SAMPLERS[name](schedule, nfe, grid)
+    return SAMPLERS[name](model.schedule, nfe, grid)
+
+
+def check_noise_model(model: Any) -> None:
+    """Refuse a velocity (flow-matching) model where a noise-prediction one is needed."""
+    prediction = getattr(model, "prediction", "epsilon")
+    if prediction != "epsilon":
+        raise FewStepError(
+            f"a {prediction} (flow-matching) model was given; the few-step samplers need a "
+            "noise (epsilon) prediction model"
+        )
