@@ -231,6 +231,36 @@ def measure(model: TarFlow, name: str, eval_batch: int, calibration: int, margin
     return out
 
 
+def tough_block_probe(model: TarFlow, draws: int = 3, tol: float = 1e-5) -> list[dict]:
+    """Jacobi, triangular Anderson, damped and undamped Newton on the tough block (the
+    most Jacobi iterations), one noise draw (batch 1) at a time, from the block's exact
+    input: iterations, dependent steps, token evaluations, final error against the
+    block's sequential solution and the largest error along the way."""
+    K = model.config.blocks
+    methods = {"jacobi": fp.Jacobi(atol=tol), "triangular anderson":
+               fp.TriangularAnderson(atol=tol), "newton": fp.Newton(atol=tol),
+               "newton, refresh 4": fp.Newton(atol=tol, refresh=4),
+               "newton, undamped": fp.Newton(atol=tol, radius=1e12)}
+    rows = []
+    for draw in range(draws):
+        z, y = noise(model, 1, seed=CALIBRATION_SEED + 1 + draw)
+        ref = sample(model, z, y, sequential_strategy(K))
+        jac = sample(model, z, y, Strategy.uniform(fp.Jacobi(atol=tol), K))
+        k = max(range(K), key=lambda b: jac.blocks[b].iterations)
+        inputs = block_inputs(model, ref)
+        fmap = BlockInverse(model, k, inputs[k], y, guidance=GUIDANCE)
+        exact = ref.blocks[k].x
+        for label, method in methods.items():
+            r = fp.solve(fmap, inputs[k], method, trace=True, reference=exact)
+            rows.append({"draw": draw, "block": k, "method": label,
+                         "iterations": r.iterations, "dependent_steps": r.dependent_steps,
+                         "token_evals": r.token_evals, "status": r.status.name,
+                         "error": float((r.x - exact).abs().max()),
+                         "largest_error": max(float(t.error.max()) for t in r.trace)})
+            print(rows[-1])
+    return rows
+
+
 def _igm_table(model: TarFlow, images: int = 64) -> list:
     """CRM / IGM on noisy training images, as studies/crm_igm.py computes them."""
     from fixedpoint.data import load_dataset
@@ -259,12 +289,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cost-batch", type=int, default=1)
     parser.add_argument("--newton", action="store_true",
                         help="add damped Newton to the latency candidates")
+    parser.add_argument("--probe", type=int, default=0, metavar="DRAWS",
+                        help="only compare the methods on the tough block, DRAWS noise "
+                             "draws at batch 1 (damped Newton against Jacobi)")
     parser.add_argument("--out-dir", type=Path, default=CACHE / "auto_strategy")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     for path in args.checkpoint:
         model = load_model(path).eval()
         name = path.parent.name
+        if args.probe:
+            from .common import write_json
+
+            rows = tough_block_probe(model, args.probe)
+            write_json(args.out_dir / f"tough_block-{name}.json",
+                       {"model": name, "tolerance": 1e-5, "guidance": GUIDANCE,
+                        "batch": 1, "threads": 1, "dtype": "float32", "rows": rows},
+                       seed=CALIBRATION_SEED)
+            continue
         measure(model, name, args.eval_batch, args.calibration, args.margin,
                 args.cost_batch, args.out_dir, args.newton)
 
