@@ -12,6 +12,7 @@ from fixedpoint.data import load_dataset
 from fixedpoint.quality import FeatureClassifier, QualityMeter
 from studies import tarflow_training_curve as curve
 from studies.common import FAST
+from studies.write_paper import Section, render_section
 
 
 @pytest.fixture
@@ -51,6 +52,12 @@ def test_snapshots_are_evaluated_and_the_last_point_is_the_finished_model(tiny) 
     assert final["samples"] == 10 and final["best_guidance"] in curve.GUIDANCES
     assert "g=1" in final["summary"]
     assert (mode.out_dir / "tarflow_training_curve-tiny.json").exists()
+    # The paper section renders from the study's values alone.
+    section = Section.read(Path(curve.__file__).parent / "sections" / "tarflow_training.md")
+    assert section.has_header
+    text = render_section(section, out["section_values"])
+    assert f"{out['section_values']['tc_acc_g1']:.1%}" in text
+    assert (mode.out_dir / "tarflow_training_curve-tiny.png").exists()
     # A second invocation reuses the finished run: no new points, no retraining.
     again = curve.run_variant(variant, mode, n=10, final_n=10, meter=meter)
     assert again["points"] == points and again["final"] == final
