@@ -35,7 +35,7 @@ import fixedpoint as fp
 import fixedpoint.diffusion as fd
 from fixedpoint.diffusion.train import PRESETS, train
 
-from .common import CACHE, MODES, ROOT, write_json
+from .common import CACHE, MODES, ROOT, read_json, write_json
 from .diffusion_common import out_path
 
 SETTINGS = {
@@ -188,12 +188,13 @@ def main(argv: list[str] | None = None) -> dict:
         if args.mode == "full":
             models += [m for m in ("flow-mnist", "mnist")
                        if (Path(PRESETS[m].out_dir) / "model").is_dir()]
-    results = {}
+    path = out_path(MODES[args.mode], "boss_grids.json")
+    # Models run separately (one heavy job at a time) accumulate in one file.
+    results = read_json(path).get("models", {}) if path.is_file() else {}
     for preset in models:
         print(f"[boss] {preset} ...", flush=True)
         results[preset] = run_model(preset, args.mode, s, args.straighten)
-        payload = {"settings": s, "models": results}
-        write_json(out_path(MODES[args.mode], "boss_grids.json"), payload, seed=0)
+        write_json(path, {"settings": s, "models": results}, seed=0)
     return results
 
 
