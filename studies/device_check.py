@@ -480,10 +480,8 @@ def main(argv: list[str] | None = None) -> int:
     except DeviceUnavailable as exc:
         print(f"device_check: error: {exc}", file=sys.stderr)
         return 2
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error("--threads must be >= 1")
-        torch.set_num_threads(args.threads)
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be >= 1")
     settings = TINY if args.tiny else Settings()
     if args.batch_sizes is not None:
         settings = Settings(**{**settings.__dict__, "batch_sizes": args.batch_sizes})
@@ -498,7 +496,12 @@ def main(argv: list[str] | None = None) -> int:
     models = tiny_models() if args.tiny else trained_models(list(paths))
     out = args.out or ROOT / ".cache" / "device_check" / str(device).replace(":", "-")
     out.mkdir(parents=True, exist_ok=True)
-    report = run(device, models, settings, getattr(torch, args.latency_dtype))
+    threads = torch.get_num_threads()
+    try:  # restored afterwards: a call in process (the tests) leaves no global setting
+        torch.set_num_threads(args.threads or threads)
+        report = run(device, models, settings, getattr(torch, args.latency_dtype))
+    finally:
+        torch.set_num_threads(threads)
     write_json(out / "report.json", report, seed=SEED)
     text = markdown(report)
     atomic_write_bytes(out / "report.md", text.encode())
