@@ -97,9 +97,9 @@ def register(subparsers: Any) -> None:
         "--steps", type=checked_int(1, 100), default=5, help="NFE budget of the student"
     )
     amed.add_argument("--grid", choices=GRIDS, default="polynomial")
-    amed.add_argument("--samples", type=positive_int, default=512)
-    amed.add_argument("--epochs", type=positive_int, default=2)
-    amed.add_argument("--batch-size", type=positive_int, default=64)
+    amed.add_argument("--samples", type=positive_int, default=384)
+    amed.add_argument("--epochs", type=positive_int, default=8)
+    amed.add_argument("--batch-size", type=positive_int, default=16)
     amed.add_argument(
         "--teacher-extra",
         type=checked_int(0, 20),

@@ -401,10 +401,10 @@ class AMEDTrainConfig:
     nfe: int = 5
     grid: Grid = PolynomialGrid()
     teacher_extra: int = 1  # M: teacher grid points between two student points
-    samples: int = 512  # starting noises in the distillation pool
-    epochs: int = 2
-    batch_size: int = 64
-    lr: float = 5e-3
+    samples: int = 384  # starting noises in the distillation pool
+    epochs: int = 8
+    batch_size: int = 16  # small batches: many predictor updates from a small pool
+    lr: float = 5e-3  # the authors' learning rate
     band: float = 0.01
     guidance: float | None = None
     seed: int = 0
