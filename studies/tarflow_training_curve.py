@@ -54,6 +54,9 @@ from .lib import GUIDANCE
 TARGET = 0.9  # the issue's target: samples assigned to their label 90% of the time
 
 GUIDANCES = (0.0, 1.0, 2.0, 4.0)
+# The finished model's guidance sweep: constant, and annealed (linear in the position).
+SWEEP = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
+SWEEP_ANNEALED = (4.0, 8.0)
 SEEDS = (0, 1)
 
 
@@ -186,16 +189,23 @@ class _Snapshots:
 
 
 def final_rows(path: Path, data: Dataset, meter: QualityMeter, n: int,
-               points: list[dict[str, Any]]) -> dict[str, Any]:
-    """The final model on ``n`` samples per seed: at the studies' guidance and at the
-    guidance that scored best on the last snapshot, constant and annealed."""
-    last = points[-1]["summary"]
-    best = max(GUIDANCES, key=lambda g: last[f"g={g:g}"]["denoised"])
-    gs = tuple(sorted({GUIDANCE, best}))
-    ev = evaluate(path, data, meter, n, guidances=gs)
-    if best > 0:
-        ev["rows"] += evaluate(path, data, meter, n, guidances=(best,), anneal=True)["rows"]
-    return {"samples": n, "best_guidance": best, **ev, "summary": summarise(ev["rows"])}
+               sweep_n: int) -> dict[str, Any]:
+    """The finished model: a guidance sweep (constant and annealed) on ``sweep_n`` samples
+    per seed, then ``n`` samples per seed at the studies' guidance and at the best of the
+    sweep (by denoised accuracy)."""
+    sweep = evaluate(path, data, meter, sweep_n, guidances=SWEEP)
+    sweep["rows"] += evaluate(path, data, meter, sweep_n, guidances=SWEEP_ANNEALED,
+                              anneal=True)["rows"]
+    sweep["summary"] = summarise(sweep["rows"])
+    best_key, best_entry = max(sweep["summary"].items(), key=lambda kv: kv[1]["denoised"])
+    best = float(best_key.removeprefix("g=").removesuffix(" anneal"))
+    anneal = best_key.endswith("anneal")
+    ev = evaluate(path, data, meter, n, guidances=(GUIDANCE,))
+    if (best, anneal) != (GUIDANCE, False):
+        ev["rows"] += evaluate(path, data, meter, n, guidances=(best,), anneal=anneal)["rows"]
+    return {"samples": n, "sweep_samples": sweep_n, "best_guidance": best,
+            "best_annealed": anneal, "best_key": best_key, "sweep": sweep, **ev,
+            "summary": summarise(ev["rows"])}
 
 
 def run_variant(variant: Variant, mode: Mode, n: int, final_n: int,
@@ -216,7 +226,7 @@ def run_variant(variant: Variant, mode: Mode, n: int, final_n: int,
         snaps.point(outcome.steps, outcome.checkpoint)
     points = snaps.state["points"]
     if "final" not in snaps.state or snaps.state["final"]["samples"] != final_n:
-        snaps.state["final"] = final_rows(outcome.checkpoint, data, meter, final_n, points)
+        snaps.state["final"] = final_rows(outcome.checkpoint, data, meter, final_n, n)
         snaps.save()
     result = {
         "variant": dataclasses.asdict(variant), "model_config": model_cfg.to_dict(),
@@ -226,7 +236,12 @@ def run_variant(variant: Variant, mode: Mode, n: int, final_n: int,
         "classifier_test_accuracy": meter.test_accuracy, "points": points,
         "final": snaps.state["final"],
     }
-    result["fits"] = {g: fit_error_power_law(points, g) for g in (f"g={x:g}" for x in GUIDANCES)}
+    # Chance is 1 / classes: points within 5 points of it are the plateau before the
+    # label is used, which a power law from the start of training does not describe.
+    above = 1 / model_cfg.num_classes + 0.05
+    result["fit_above_accuracy"] = above
+    result["fits"] = {g: fit_error_power_law(points, g, above=above)
+                      for g in (f"g={x:g}" for x in GUIDANCES)}
     result["section_values"] = section_values(result)
     write_json(mode.out_dir / f"tarflow_training_curve-{variant.name}.json", result)
     plot(result, mode.out_dir / f"tarflow_training_curve-{variant.name}.png")
@@ -234,13 +249,15 @@ def run_variant(variant: Variant, mode: Mode, n: int, final_n: int,
 
 
 def fit_error_power_law(points: list[dict[str, Any]], guidance: str,
-                        kind: str = "denoised") -> dict[str, float]:
-    """Least squares of ``log(1 - accuracy) = log c - alpha log(minutes)`` over the points,
-    and the training minutes at which it reaches :data:`TARGET` (an extrapolation)."""
+                        kind: str = "denoised", above: float = 0.0) -> dict[str, float]:
+    """Least squares of ``log(1 - accuracy) = log c - alpha log(minutes)`` over the points
+    whose accuracy exceeds ``above`` (leave out the plateau at chance, where the label is
+    not used yet), and the training minutes at which it reaches :data:`TARGET` (an
+    extrapolation)."""
     xs, ys = [], []
     for p in points:
         acc = p["summary"][guidance][kind]
-        if p["train_cpu_s"] > 0 and 0 < acc < 1:
+        if p["train_cpu_s"] > 0 and above < acc < 1:
             xs.append(math.log(p["train_cpu_s"] / 60))
             ys.append(math.log(1 - acc))
     if len(xs) < 2 or max(xs) == min(xs):
@@ -282,9 +299,12 @@ def final_table(final: dict[str, Any]) -> str:
 def section_values(result: dict[str, Any]) -> dict[str, Any]:
     """Placeholders of ``studies/sections/tarflow_training.md``."""
     last, final = result["points"][-1], result["final"]
-    best = f"g={final['best_guidance']:g}"
+    best = final["best_key"]
+    # The fit is over the curve's guidances (constant): the best of those at the last point.
+    curve_best = max((f"g={g:g}" for g in result["guidances"]),
+                     key=lambda k: last["summary"][k]["denoised"])
     studies = f"g={GUIDANCE:g}"
-    fit_best, fit_1 = result["fits"][best], result["fits"][studies]
+    fit_best, fit_1 = result["fits"][curve_best], result["fits"][studies]
     return {
         "tc_preset": result["variant"]["preset"],
         "tc_epochs": result["variant"]["epochs"],
@@ -299,10 +319,16 @@ def section_values(result: dict[str, Any]) -> dict[str, Any]:
         "tc_acc_g1": final["summary"][studies]["denoised"],
         "tc_acc_g1_spread": final["summary"][studies]["denoised_seed_spread"],
         "tc_best_guidance": final["best_guidance"],
+        "tc_best_how": "annealed" if final["best_annealed"] else "constant",
+        "tc_curve_best": curve_best.removeprefix("g="),
+        "tc_sweep_samples": final["sweep_samples"],
+        "tc_sweep_table": final_table(final["sweep"]),
         "tc_acc_best": final["summary"][best]["denoised"],
         "tc_acc_best_spread": final["summary"][best]["denoised_seed_spread"],
         "tc_target": TARGET,
         "tc_studies_guidance": GUIDANCE,
+        "tc_fit_above": result["fit_above_accuracy"],
+        "tc_fit_points_g1": fit_1["points"], "tc_fit_points_best": fit_best["points"],
         "tc_alpha_best": fit_best["alpha"], "tc_minutes_best": fit_best["minutes_to_target"],
         "tc_alpha_g1": fit_1["alpha"], "tc_minutes_g1": fit_1["minutes_to_target"],
         "tc_curve_table": curve_table(result),
