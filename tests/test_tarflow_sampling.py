@@ -612,3 +612,37 @@ def test_fast_sequential_output_works_with_autograd_and_bfloat16(cond_model):
     # but not by a wrong-solution amount.
     torch.testing.assert_close(low, img, rtol=0, atol=0.1)
     assert float((low - img).abs().max()) > 0  # bfloat16 really ran
+
+
+def test_compile_options_reach_torch_compile_with_fixed_shapes_and_static_buffers(
+        cond_model, monkeypatch):
+    """The wiring of the compile-ready path (the compiler itself is not run here: it
+    takes minutes on this CPU): the options go to torch.compile, the steps get fixed
+    shapes (no Python int length), the buffers are kept per batch shape and marked
+    static, and the samples are the eager ones."""
+    calls, lengths = [], []
+
+    def fake_compile(fn, **options):
+        calls.append(options)
+
+        def wrapped(*args):
+            lengths.append(args[-1])
+            return fn(*args)
+
+        return wrapped
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    static = []
+    monkeypatch.setattr(torch._dynamo, "mark_static_address", static.append)
+    decoder = SequentialDecoder(cond_model, compile_options={"mode": "reduce-overhead"})
+    assert calls == [{"mode": "reduce-overhead"}] and decoder.fixed_shape
+    y = torch.tensor([1, 2, 3])
+    first = decoder(noise(), y, guidance=1.5)
+    assert lengths and set(lengths) == {None}
+    assert len(static) == 2 * 4  # (xs, cache) per block, allocated once
+    second = decoder(noise(seed=8), y, guidance=1.5)
+    assert len(static) == 2 * 4  # reused at the second call
+    eager = SequentialDecoder(cond_model)
+    torch.testing.assert_close(first, eager(noise(), y, guidance=1.5), rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(second, eager(noise(seed=8), y, guidance=1.5), rtol=RTOL,
+                               atol=ATOL)
