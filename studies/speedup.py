@@ -101,7 +101,10 @@ def run_model(preset: str, mode: Mode) -> dict:
                         "strategy": info["strategy"].describe()}
     b0 = timing_batches[0]
     with timed(f"{preset}: automatic strategy, latency objective"):
+        # Calibrated on as many samples as the largest timing batch: a batch takes as
+        # many steps as its slowest sample.
         info = auto_strategy.choose(model, cost[b0], b0, igm_inits(table),
+                                    calibration=max(timing_batches),
                                     objective=Objective.LATENCY)
     auto_info["latency"] = {"objective": info["objective"], "rounds": info["rounds"],
                             "margin": info["margin"], "strategy": info["strategy"].describe()}

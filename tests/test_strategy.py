@@ -301,7 +301,7 @@ def test_latency_objective_takes_the_fewest_steps_within_the_margin():
     for k, ch in enumerate(out["choices"]):
         fmap = BlockInverse(model, k, inputs[k], y, guidance=auto.GUIDANCE)
         for tol in kw["tolerances"]:
-            for method in auto.candidates(T, tol):
+            for method in auto.latency_candidates(T, tol):
                 for init in InitialGuess:
                     r = fp.solve(fmap, init.start(inputs[k]), method)
                     err = float((r.x - ref.blocks[k].x).abs().max())
