@@ -26,7 +26,9 @@ It runs, on ``--device``:
    paper's rule (``studies.crm_igm.paper_rule`` on CRM / IGM) and the automatic strategy
    with the latency objective (``studies.auto_strategy.choose``, calibrated on the CPU
    copy of the model in float32, then run on the device), with their dependent steps
-   and deviation from sequential.
+   and deviation from sequential.  ``--compile-decoder`` adds the sequential decoder
+   under ``torch.compile`` (CUDA graphs on a GPU; compiling takes minutes, outside the
+   5-minute budget; not run here).
 
 Models: ``--checkpoint PATH`` (repeatable), by default every trained model of the
 studies (``.cache/studies/models/*/checkpoint.pt``); ``--tiny`` uses two untrained tiny
@@ -310,9 +312,17 @@ def auto_strategy(model: TarFlow, settings: Settings) -> tuple[Strategy, str]:
     return chosen["strategy"], objective.value
 
 
+# torch.compile options of the opt-in compiled decoder: CUDA graphs on a GPU.
+COMPILE = {"cuda": {"mode": "reduce-overhead", "dynamic": False}, "cpu": {"dynamic": False}}
+COMPILED = "sequential (compiled decoder)"
+
+
 def latency(model: TarFlow, device: torch.device, strategies: dict[str, Strategy],
-            settings: Settings) -> list[dict[str, Any]]:
-    """Median seconds per batch of every sampler, with CUDA synchronisation."""
+            settings: Settings, compiled: SequentialDecoder | None = None
+            ) -> list[dict[str, Any]]:
+    """Median seconds per batch of every sampler, with CUDA synchronisation.  With
+    ``compiled`` (a decoder made with ``compile_options``), its row too; its first call
+    per batch shape compiles, in the untimed warm-up."""
     clock = synchronizing_clock(device)
     rows = []
     for B in settings.batch_sizes:
@@ -321,6 +331,8 @@ def latency(model: TarFlow, device: torch.device, strategies: dict[str, Strategy
         decoder = SequentialDecoder(model)
         fns: dict[str, Callable[[], object]] = {
             "sequential (fast decoder)": partial(decoder, zd, yd, guidance=GUIDANCE)}
+        if compiled is not None:
+            fns[COMPILED] = partial(compiled, zd, yd, guidance=GUIDANCE)
         runs = {"sequential (reverse)": None, **strategies}
         for name, strategy in runs.items():
             fns[name] = partial(reverse, model, zd, yd, guidance=GUIDANCE, strategy=strategy)
@@ -337,6 +349,9 @@ def latency(model: TarFlow, device: torch.device, strategies: dict[str, Strategy
                 row["deviation_from_sequential"] = deviation(s.images, seq.images)["max_abs"]
             else:
                 row["dependent_steps"] = model.config.blocks * (model.config.seq_len - 1)
+            if name == COMPILED:
+                images = compiled(zd, yd, guidance=GUIDANCE)
+                row["deviation_from_sequential"] = deviation(images, seq.images)["max_abs"]
             rows.append(row)
     return rows
 
@@ -355,12 +370,13 @@ def phase(times: dict[str, float], name: str) -> Iterator[None]:
 
 
 def run(device: torch.device, models: list[tuple[str, TarFlow]], settings: Settings,
-        latency_dtype: torch.dtype) -> dict[str, Any]:
+        latency_dtype: torch.dtype, compile_decoder: bool = False) -> dict[str, Any]:
     times: dict[str, float] = {}
     report: dict[str, Any] = {
         "device": str(device), "device_name": _device_name(device),
         "settings": settings.__dict__, "guidance": GUIDANCE, "budget": BUDGET,
-        "latency_dtype": str(latency_dtype).removeprefix("torch."), "models": {},
+        "latency_dtype": str(latency_dtype).removeprefix("torch."),
+        "compiled_decoder": COMPILE[device.type] if compile_decoder else None, "models": {},
     }
     with phase(times, "solver parity"):
         report["solver_parity"] = solver_parity(device, settings)
@@ -382,8 +398,10 @@ def run(device: torch.device, models: list[tuple[str, TarFlow]], settings: Setti
                 entry["automatic"] = {"objective": objective, "strategy": str(auto)}
             except RuntimeError as exc:
                 entry["automatic"] = {"error": str(exc)}
+        compiled = (SequentialDecoder(model, compile_options=COMPILE[device.type])
+                    if compile_decoder else None)
         with phase(times, f"{name}: latency"), _autocast(device, latency_dtype):
-            entry["latency"] = latency(model, device, strategies, settings)
+            entry["latency"] = latency(model, device, strategies, settings, compiled)
         report["models"][name] = entry
     report["seconds"] = times
     report["ok"] = all_ok(report)
@@ -471,6 +489,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", type=_batch_sizes, default=None,
                         help="latency batch sizes, e.g. 1,8,64")
     parser.add_argument("--latency-dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--compile-decoder", action="store_true",
+                        help="also time the sequential decoder under torch.compile (CUDA "
+                             "graphs on a GPU; compiles once per model and batch size: "
+                             "minutes, outside the 5-minute budget; untested here)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", type=Path, default=None,
                         help="output directory (default .cache/device_check/<device>)")
@@ -499,7 +521,8 @@ def main(argv: list[str] | None = None) -> int:
     threads = torch.get_num_threads()
     try:  # restored afterwards: a call in process (the tests) leaves no global setting
         torch.set_num_threads(args.threads or threads)
-        report = run(device, models, settings, getattr(torch, args.latency_dtype))
+        report = run(device, models, settings, getattr(torch, args.latency_dtype),
+                     compile_decoder=args.compile_decoder)
     finally:
         torch.set_num_threads(threads)
     write_json(out / "report.json", report, seed=SEED)

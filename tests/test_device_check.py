@@ -80,3 +80,22 @@ def test_bad_arguments_exit_2(tmp_path):
         with pytest.raises(SystemExit) as info:
             dc.main(["--device", "cpu", "--out", str(tmp_path), *argv])
         assert info.value.code == 2
+
+
+def test_the_compiled_decoder_row_is_wired_through(monkeypatch):
+    """--compile-decoder's row, with torch.compile replaced by the identity (compiling
+    takes minutes on this CPU): the device's options reach it and the row is timed,
+    counted and compared with sequential like the others."""
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: seen.append(options) or fn)
+    name, model = dc.tiny_models()[0]
+    compiled = dc.SequentialDecoder(model, compile_options=dc.COMPILE["cpu"])
+    settings = dc.Settings(**{**dc.TINY.__dict__, "batch_sizes": (2,)})
+    rows = dc.latency(model, torch.device("cpu"), {}, settings, compiled)
+    assert seen == [dc.COMPILE["cpu"]]
+    assert [r["sampler"] for r in rows] == ["sequential (fast decoder)", dc.COMPILED,
+                                            "sequential (reverse)"]
+    row = rows[1]
+    c = model.config
+    assert row["seconds"] > 0 and row["dependent_steps"] == c.blocks * (c.seq_len - 1)
+    assert row["deviation_from_sequential"] <= 1e-5
