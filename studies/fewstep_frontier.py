@@ -18,7 +18,7 @@ against **dependent network evaluations** (latency on a device with room for the
 and **total evaluations per sample** (compute), and CPU wall-clock at batch 1.  Writes
 ``fewstep_frontier-<model>.json`` and ``.png`` (digits; MNIST in full mode once trained).
 
-    python -m studies.fewstep_frontier --mode fast|full [--models digits,mnist]
+    python -m studies.fewstep_frontier --mode fast|full [--models digits,mnist] [--replot]
 """
 
 from __future__ import annotations
@@ -595,13 +595,16 @@ def figure(p: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5.8))
     families: dict[str, list[dict]] = {}
     for r in p["points"]:
         families.setdefault(r["family"], []).append(r)
     markers = "os^vD<>xP*hX+1234"
+    colours = plt.get_cmap("tab20").colors
     for i, (fam, rows) in enumerate(sorted(families.items())):
-        style = dict(marker=markers[i % len(markers)], ms=5, lw=1.2, label=fam)
+        style = dict(
+            marker=markers[i % len(markers)], ms=5, lw=1.2, label=fam, color=colours[i % 20]
+        )
         if "neutral" in fam:
             style.update(ls=":", alpha=0.7)
         for ax, xk, yk in (
@@ -641,8 +644,21 @@ def figure(p: dict, path: Path) -> None:
     axes[0].set_title(f"{p['model']}: deviation from the reference ODE solution")
     axes[1].set_title("FCD against the test images")
     axes[2].set_title("deviation against total compute")
-    axes[2].legend(fontsize=6.5, loc="upper right", ncol=1)
-    fig.tight_layout()
+    seen: dict[str, object] = {}
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(lab, h)
+    handles, labels = list(seen.values()), list(seen)
+    fig.legend(
+        handles,
+        labels,
+        fontsize=7,
+        loc="lower center",
+        ncol=5,
+        frameon=False,
+        bbox_to_anchor=(0.5, -0.02),
+    )
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     save_figure(fig, path)
     plt.close(fig)
 
@@ -705,10 +721,17 @@ def run_model(name: str, mode, cfg: dict) -> dict:
 def run(argv: list[str] | None = None) -> dict:
     import argparse
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--models", default=None, help="comma-separated (default: all trained)")
+    parser.add_argument(
+        "--replot", action="store_true", help="only redraw the figures from the JSON files"
+    )
     own, rest = parser.parse_known_args(argv)
     mode = parse(__doc__, rest)
+    if own.replot:
+        for path in sorted(mode.out_dir.glob("fewstep_frontier-*.json")):
+            figure(json.loads(path.read_text()), path.with_suffix(".png"))
+        return {}
     cfg = settings(mode)
     names = model_names(mode) if own.models is None else tuple(own.models.split(","))
     results = {}
