@@ -186,9 +186,12 @@ def choose(model: TarFlow, cost: CostModel | None, target_batch: int,
 
 
 def measure(model: TarFlow, name: str, eval_batch: int, calibration: int, margin: float,
-            cost_batch: int, out_dir: Path, newton: bool) -> dict:
+            cost_batch: int, out_dir: Path, newton: bool, newton_samples: int = 0) -> dict:
     """Dependent steps and deviation on the evaluation batch for the simple strategies
-    and the automatic strategy under both objectives."""
+    and the automatic strategy under both objectives.  ``newton_samples > 0`` also runs
+    the latency strategy with its slowest block switched to damped Newton (same
+    tolerance and start) on that many of the evaluation samples (Newton's Jacobian is
+    costly on a CPU), beside the unchanged strategy on the same samples."""
     from . import costmodel
     from .common import timed, write_json
     from .speedup import igm_inits
@@ -226,6 +229,29 @@ def measure(model: TarFlow, name: str, eval_batch: int, calibration: int, margin
                      "step_reduction": None})
     for row in rows:
         row["step_reduction"] = rows[0]["dependent_steps"] / row["dependent_steps"]
+    newton_rows = []
+    if newton_samples:
+        base = auto[Objective.LATENCY]["strategy"]
+        its = next(r["iterations"] for r in rows if r["strategy"] == "auto (latency)")
+        slow = max(range(K), key=lambda b: its[b])
+        plan = base.plans[slow]
+        tol = getattr(plan.method, "atol", None)
+        switched = Strategy(tuple(BlockPlan(fp.Newton(atol=tol), plan.init) if b == slow
+                                  else p for b, p in enumerate(base.plans)))
+        zs, ys = z[:newton_samples], y[:newton_samples] if y is not None else None
+        ref = sample(model, zs, ys, sequential_strategy(K))
+        for label, strategy in (("auto (latency)", base),
+                                (f"auto (latency), block {slow} Newton", switched)):
+            with timed(f"{name}: {label} on {newton_samples} samples"):
+                s = sample(model, zs, ys, strategy)
+            t = totals(s)
+            newton_rows.append({"strategy": label, "spec": strategy.describe(),
+                                "samples": newton_samples, **t,
+                                "deviation": deviation(s.x, ref.x),
+                                "step_reduction": K * (c.seq_len - 1) / t["dependent_steps"]})
+            print(f"{label:>34} ({newton_samples} samples): {t['dependent_steps']} steps, "
+                  f"{t['token_evals']} token evals, max dev "
+                  f"{newton_rows[-1]['deviation']['max_abs']:.2e}")
     out = {"model": name, "seq_len": c.seq_len, "blocks": K, "eval_batch": eval_batch,
            "calibration_batch": {"latency": eval_batch, "wallclock": calibration},
            "margin": margin, "budget": BUDGET,
@@ -236,7 +262,7 @@ def measure(model: TarFlow, name: str, eval_batch: int, calibration: int, margin
                                     "error": ch.error, "steps": ch.steps}
                                    for ch in a["choices"]]}
                     for o, a in auto.items()},
-           "rows": rows}
+           "rows": rows, "newton_rows": newton_rows}
     write_json(out_dir / f"auto_strategy-{name}.json", out, seed=SEED)
     for r in rows:
         print(f"{r['strategy']:>22}: {r['dependent_steps']:5d} steps "
@@ -302,6 +328,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cost-batch", type=int, default=1)
     parser.add_argument("--newton", action="store_true",
                         help="add damped Newton to the latency candidates")
+    parser.add_argument("--newton-samples", type=int, default=0, metavar="N",
+                        help="also run the latency strategy with its slowest block on "
+                             "damped Newton, on N of the evaluation samples")
     parser.add_argument("--probe", type=int, default=0, metavar="DRAWS",
                         help="only compare the methods on the tough block, DRAWS noise "
                              "draws at batch 1 (damped Newton against Jacobi)")
@@ -321,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
                        seed=CALIBRATION_SEED)
             continue
         measure(model, name, args.eval_batch, args.calibration, args.margin,
-                args.cost_batch, args.out_dir, args.newton)
+                args.cost_batch, args.out_dir, args.newton, args.newton_samples)
 
 
 if __name__ == "__main__":
