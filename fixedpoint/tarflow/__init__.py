@@ -10,7 +10,8 @@ Modules, each importing only the ones above it:
   (``BlockInverse``);
 * :mod:`~fixedpoint.tarflow.diagnostics`: CRM / IGM and the paper's strategy rule;
 * :mod:`~fixedpoint.tarflow.sampling`: ``reverse`` (noise -> images), ``Sample``,
-  ``SamplingError``, the naive reference loop;
+  ``SamplingError``, the fast sequential sampler (``sample_sequential``,
+  ``SequentialDecoder``), the naive reference loop;
 * :mod:`~fixedpoint.tarflow.checkpoint`, :mod:`~fixedpoint.tarflow.train`,
   :mod:`~fixedpoint.tarflow.generate`: files, training, sharded generation.
 
