@@ -87,6 +87,7 @@ def reference_rows(flow, z, labels, k_max) -> tuple[fd.Reference, list[dict]]:
         "window 20 atol 1e-4": fp.SlidingWindow(20, atol=1e-4, rtol=0.0),
     }
     for name, method in methods.items():
+        print(f"  reference by {name} ...", flush=True)
         start = time.perf_counter()
         par = fd.reference_trajectories(flow, z, steps=k_max, method=method, labels=labels)
         rows.append({"method": name, "calls": par.calls, "rows": par.rows,
@@ -104,6 +105,7 @@ def run_model(preset: str, mode: str, s: dict, straighten: bool) -> dict:
     grids = fd.boss_grids(flow, s["ks"], reference=ref)
 
     # held-out noise and the high-accuracy solution
+    print("  high-accuracy solution and grids ...", flush=True)
     ze, le = draw(flow, s["eval_samples"], seed=1)
     fine = fd.flow_sample(flow, flow.uniform_times(s["ref_steps"]), ze, labels=le)
     half = fd.flow_sample(flow, flow.uniform_times(s["ref_steps"] // 2), ze, labels=le)
@@ -127,6 +129,7 @@ def run_model(preset: str, mode: str, s: dict, straighten: bool) -> dict:
         "rows": rows,
     }
     if straighten:
+        print("  straightening ...", flush=True)
         out["straighten"] = straighten_rows(flow, grids, s, ze, le, fine)
     return out
 
