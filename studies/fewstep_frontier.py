@@ -212,8 +212,10 @@ class Points:
 
 
 def baselines(pts: Points, cfg: dict) -> None:
-    for name, family in BASELINES.items():
-        grid = "uniform" if name in ("ddim", "pndm") else "polynomial"
+    """The issue's uniform-grid solvers, and iPNDM also on AMED's (polynomial) grid."""
+    runs = [(name, family, "uniform") for name, family in BASELINES.items()]
+    runs.append(("ipndm", "iPNDM, polynomial", "polynomial"))
+    for name, family, grid in runs:
         for nfe in cfg["nfes"]:
             if name == "heun" and nfe % 2 == 0:
                 continue  # Heun spends 2 n - 1 evaluations
@@ -241,36 +243,42 @@ def grid_ablation(pts: Points) -> list[dict]:
 def amed_points(pts: Points, cfg: dict, name: str) -> list[dict]:
     reports = []
     fingerprint = amed.model_fingerprint(pts.model)
-    for nfe in cfg["amed_nfes"]:
-        for kind, family in (("amed", "AMED-Solver"), ("amed-plugin", "AMED-Plugin")):
-            tc = amed.AMEDTrainConfig(
-                kind=kind,
-                nfe=nfe,
-                grid=fewstep.PolynomialGrid(),
-                samples=cfg["amed_samples"],
-                epochs=cfg["amed_epochs"],
-                batch_size=cfg["amed_batch"],
-                seed=1,  # the distillation pool is not the evaluation noise (seed 12345)
+    runs = [
+        (nfe, kind, grid)
+        for grid in ("uniform", "polynomial")
+        for nfe in cfg["amed_nfes"]
+        for kind in ("amed", "amed-plugin")
+    ]
+    for nfe, kind, grid_name in runs:
+        grid = fewstep.GRIDS[grid_name]()
+        family = f"{'AMED-Solver' if kind == 'amed' else 'AMED-Plugin'} ({grid_name})"
+        tc = amed.AMEDTrainConfig(
+            kind=kind,
+            nfe=nfe,
+            grid=grid,
+            samples=cfg["amed_samples"],
+            epochs=cfg["amed_epochs"],
+            batch_size=cfg["amed_batch"],
+            seed=1,  # the distillation pool is not the evaluation noise (seed 12345)
+        )
+        path = CACHE / f"amed-{name}-{kind}-{nfe}-{key(fingerprint, tc.__dict__, str(tc.grid))}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sampler, report = amed.train_amed(pts.model, tc, path, progress=False)
+        reports.append({"kind": kind, "nfe": nfe, "grid": grid_name, **report})
+        pts.sampler(family, sampler, f"NFE {nfe}", grid_name)
+        # The untrained (neutral) predictor is the base solver: what learning adds.
+        base = (
+            fewstep.Midpoint(pts.model.schedule, sampler.steps, grid, afs=sampler.afs)
+            if kind == "amed"
+            else amed.AMEDPlugin(
+                pts.model.schedule,
+                sampler.steps,
+                amed.AMEDPredictor(amed.bottleneck_features(pts.model.unet)),
+                grid,
+                afs=sampler.afs,
             )
-            path = (
-                CACHE / f"amed-{name}-{kind}-{nfe}-{key(fingerprint, tc.__dict__, str(tc.grid))}.pt"
-            )
-            path.parent.mkdir(parents=True, exist_ok=True)
-            sampler, report = amed.train_amed(pts.model, tc, path, progress=False)
-            reports.append({"kind": kind, "nfe": nfe, **report})
-            pts.sampler(family, sampler, f"NFE {nfe}", "polynomial")
-            # The untrained (neutral) predictor is the base solver: what learning adds.
-            base = (
-                fewstep.Midpoint(pts.model.schedule, sampler.steps, afs=sampler.afs)
-                if kind == "amed"
-                else amed.AMEDPlugin(
-                    pts.model.schedule,
-                    sampler.steps,
-                    amed.AMEDPredictor(amed.bottleneck_features(pts.model.unet)),
-                    afs=sampler.afs,
-                )
-            )
-            pts.sampler(f"{family} (neutral r, c)", base, f"NFE {nfe}", "polynomial")
+        )
+        pts.sampler(f"{family}, neutral r, c", base, f"NFE {nfe}", grid_name)
     return reports
 
 
@@ -472,29 +480,39 @@ def winners_text(winners: list[dict], unit: str, quality: str, fmt: str) -> str:
     return "; ".join(parts)
 
 
+# Our family for each published name: the grids AMED's authors used for their samplers
+# (time-uniform for AMED-Solver, polynomial for AMED-Plugin and iPNDM), the issue's
+# uniform grid for DPM-Solver++ and DDIM.
+ORDERING = {
+    "AMED-Plugin": "AMED-Plugin (polynomial)",
+    "AMED-Solver": "AMED-Solver (uniform)",
+    "iPNDM": "iPNDM, polynomial",
+    "DPM-Solver++(3M)": "DPM-Solver++(3M)",
+    "DDIM": "DDIM",
+}
+
+
 def nfe5_table(rows: list[dict]) -> list[dict]:
-    keep = []
-    for r in rows:
-        if (
-            r.get("nfe") == 5
-            and r.get("grid") in ("uniform", "polynomial", "boss")
-            and (r["family"] in BASELINES.values() or r["family"].startswith(("AMED", "BOSS grid")))
-        ):
-            keep.append(r)
+    """Every sequential sampler run at five evaluations, best deviation first."""
+    keep = [
+        r
+        for r in rows
+        if r.get("nfe") == 5 and r.get("dependent") == 5 and "parallel" not in r["family"]
+    ]
     return sorted(keep, key=lambda r: r["deviation"])
 
 
 def ordering(rows5: list[dict], metric: str) -> dict:
-    names = {"AMED-Plugin", "AMED-Solver", "iPNDM", "DPM-Solver++(3M)", "DDIM"}
-    ours = [r for r in rows5 if r["family"] in names and r.get(metric) is not None]
-    ours.sort(key=lambda r: r[metric])
-    got = [r["family"] for r in ours]
+    by = {r["family"]: r for r in rows5 if r.get(metric) is not None}
+    ours = [name for name, fam in ORDERING.items() if fam in by]
+    ours.sort(key=lambda name: by[ORDERING[name]][metric])
     published = sorted(AMED_CIFAR, key=AMED_CIFAR.get)
     return {
-        "ours": got,
+        "ours": ours,
         "published": published,
-        "same": got == published,
-        "values": {r["family"]: r[metric] for r in ours},
+        "same": ours == published,
+        "families": ORDERING,
+        "values": {name: by[ORDERING[name]][metric] for name in ours},
     }
 
 
@@ -534,11 +552,12 @@ def section_values(p: dict) -> dict:
     by = {r["family"]: r for r in rows5}
 
     def beats(a: str, b: str, metric: str) -> str:
-        if a not in by or b not in by:
+        if ORDERING[a] not in by or ORDERING[b] not in by:
             return f"{a} vs {b}: not measured"
-        win = by[a][metric] < by[b][metric]
+        va, vb = by[ORDERING[a]][metric], by[ORDERING[b]][metric]
+        win = va < vb
         verb = "beats" if win else "does not beat"
-        return f"{a} {verb} {b} on {metric} ({by[a][metric]:.3g} vs {by[b][metric]:.3g})"
+        return f"{a} {verb} {b} on {metric} ({va:.3g} vs {vb:.3g})"
 
     targets = "; ".join(
         beats(a, b, metric)
@@ -605,7 +624,7 @@ def figure(p: dict, path: Path) -> None:
         style = dict(
             marker=markers[i % len(markers)], ms=5, lw=1.2, label=fam, color=colours[i % 20]
         )
-        if "neutral" in fam:
+        if "neutral" in fam or "polynomial" in fam and "AMED" not in fam:
             style.update(ls=":", alpha=0.7)
         for ax, xk, yk in (
             (axes[0], "dependent", "deviation"),
@@ -741,12 +760,18 @@ def run(argv: list[str] | None = None) -> dict:
         mnist = mode.out_dir / "fewstep_frontier-mnist.json"
         if "mnist" not in results and mnist.is_file():
             results["mnist"] = json.loads(mnist.read_text())
-        note = (
-            "The MNIST frontier is in `results/fewstep_frontier-mnist.json` and `.png`."
-            if "mnist" in results
-            else "No trained MNIST model was available to this run, so only the digits model "
-            "is measured here."
-        )
+        if "mnist" in results:
+            note = "The MNIST frontier is in `results/fewstep_frontier-mnist.json` and `.png`."
+        elif "mnist" in model_names(mode):
+            note = (
+                "A trained MNIST model exists, but this run did not measure it (`--models "
+                "mnist` adds its frontier), so only the digits model is measured here."
+            )
+        else:
+            note = (
+                "No trained MNIST model was available to this run, so only the digits model "
+                "is measured here."
+            )
         results["digits"]["section_values"]["fs_mnist_note"] = note
         write_json(out_path(mode, "fewstep_frontier-digits.json"), results["digits"], seed=12345)
     return results
