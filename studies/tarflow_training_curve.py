@@ -242,6 +242,8 @@ def run_variant(variant: Variant, mode: Mode, n: int, final_n: int,
     result["fit_above_accuracy"] = above
     result["fits"] = {g: fit_error_power_law(points, g, above=above)
                       for g in (f"g={x:g}" for x in GUIDANCES)}
+    result["linear_fits"] = {g: fit_linear(points, g, above=above)
+                             for g in (f"g={x:g}" for x in GUIDANCES)}
     result["section_values"] = section_values(result)
     write_json(mode.out_dir / f"tarflow_training_curve-{variant.name}.json", result)
     plot(result, mode.out_dir / f"tarflow_training_curve-{variant.name}.png")
@@ -270,6 +272,23 @@ def fit_error_power_law(points: list[dict[str, Any]], guidance: str,
     minutes = math.exp((log_c - math.log(1 - TARGET)) / alpha) if alpha > 0 else math.inf
     return {"points": len(xs), "alpha": alpha, "c": math.exp(log_c),
             "minutes_to_target": minutes}
+
+
+def fit_linear(points: list[dict[str, Any]], guidance: str, kind: str = "denoised",
+               above: float = 0.0) -> dict[str, float]:
+    """Least squares of ``accuracy = a + b minutes`` over the points above ``above``, and
+    the minutes at which it reaches :data:`TARGET`: the optimistic bracket (a straight
+    line never saturates), beside the power law's pessimistic one."""
+    pts = [(p["train_cpu_s"] / 60, p["summary"][guidance][kind]) for p in points
+           if p["summary"][guidance][kind] > above]
+    if len(pts) < 2 or len({x for x, _ in pts}) < 2:
+        return {"points": len(pts), "slope_per_minute": math.nan, "minutes_to_target": math.nan}
+    mx = sum(x for x, _ in pts) / len(pts)
+    my = sum(y for _, y in pts) / len(pts)
+    b = sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
+    a = my - b * mx
+    return {"points": len(pts), "intercept": a, "slope_per_minute": b,
+            "minutes_to_target": (TARGET - a) / b if b > 0 else math.inf}
 
 
 def curve_table(result: dict[str, Any]) -> str:
@@ -331,6 +350,10 @@ def section_values(result: dict[str, Any]) -> dict[str, Any]:
         "tc_fit_points_g1": fit_1["points"], "tc_fit_points_best": fit_best["points"],
         "tc_alpha_best": fit_best["alpha"], "tc_minutes_best": fit_best["minutes_to_target"],
         "tc_alpha_g1": fit_1["alpha"], "tc_minutes_g1": fit_1["minutes_to_target"],
+        "tc_linear_slope_g1": 100 * result["linear_fits"][studies]["slope_per_minute"],
+        "tc_linear_minutes_g1": result["linear_fits"][studies]["minutes_to_target"],
+        "tc_linear_minutes_best": result["linear_fits"][curve_best]["minutes_to_target"],
+        "tc_minutes_per_epoch": last["train_cpu_s"] / 60 / last["epochs"],
         "tc_curve_table": curve_table(result),
         "tc_final_table": final_table(final),
     }

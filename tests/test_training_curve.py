@@ -82,3 +82,12 @@ def test_the_power_law_fit_recovers_an_exact_curve() -> None:
     # A curve that does not improve never gets there.
     flat = [{"train_cpu_s": 60 * m, "summary": {"g=1": {"denoised": 0.3}}} for m in (1, 2)]
     assert curve.fit_error_power_law(flat, "g=1")["minutes_to_target"] == float("inf")
+
+
+def test_the_linear_fit_recovers_a_line() -> None:
+    # acc = 0.1 + 0.02 * minutes: 0.9 at 40 minutes; the point at chance is left out.
+    points = [{"train_cpu_s": 60 * m, "summary": {"g=1": {"denoised": 0.1 + 0.02 * m}}}
+              for m in (0.0, 5.0, 10.0, 20.0)]
+    fit = curve.fit_linear(points, "g=1", above=0.15)
+    assert fit["points"] == 3 and fit["slope_per_minute"] == pytest.approx(0.02)
+    assert fit["minutes_to_target"] == pytest.approx(40.0)
