@@ -300,6 +300,24 @@ def tough_block_probe(model: TarFlow, draws: int = 3, tol: float = 1e-5) -> list
     return rows
 
 
+def uniform_probe(model: TarFlow, samples: int, tol: float = TOL) -> list[dict]:
+    """Sequential, Jacobi and damped Newton on every block (tolerance ``tol``) on the
+    first ``samples`` evaluation samples: dependent steps, token evaluations and the
+    deviation from the sequential samples."""
+    K = model.config.blocks
+    z, y = noise(model, samples, seed=SEED)
+    rows, ref = [], None
+    for label, method in (("sequential", fp.Sequential()), ("jacobi", fp.Jacobi(atol=tol)),
+                          ("newton", fp.Newton(atol=tol))):
+        s = sample(model, z, y, Strategy.uniform(method, K))
+        ref = ref if ref is not None else s
+        rows.append({"strategy": label, "samples": samples, **totals(s),
+                     "deviation": deviation(s.x, ref.x)})
+        print(label, rows[-1]["iterations"], rows[-1]["dependent_steps"],
+              rows[-1]["token_evals"], f"{rows[-1]['deviation']['max_abs']:.2e}")
+    return rows
+
+
 def _igm_table(model: TarFlow, images: int = 64) -> list:
     """CRM / IGM on noisy training images, as studies/crm_igm.py computes them."""
     from fixedpoint.data import load_dataset
@@ -334,12 +352,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--probe", type=int, default=0, metavar="DRAWS",
                         help="only compare the methods on the tough block, DRAWS noise "
                              "draws at batch 1 (damped Newton against Jacobi)")
+    parser.add_argument("--uniform-newton", type=int, default=0, metavar="N",
+                        help="only compare sequential, Jacobi and damped Newton on every "
+                             "block, on N evaluation samples")
     parser.add_argument("--out-dir", type=Path, default=CACHE / "auto_strategy")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     for path in args.checkpoint:
         model = load_model(path).eval()
         name = path.parent.name
+        if args.uniform_newton:
+            from .common import write_json
+
+            rows = uniform_probe(model, args.uniform_newton)
+            write_json(args.out_dir / f"uniform_newton-{name}.json",
+                       {"model": name, "tolerance": TOL, "guidance": GUIDANCE,
+                        "threads": 1, "dtype": "float32", "rows": rows}, seed=SEED)
+            continue
         if args.probe:
             from .common import write_json
 
