@@ -134,3 +134,27 @@ def test_not_a_model_directory(tmp_path, capsys):
     code = main(["diffusion", "sample", "--model", str(tmp_path)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "not a diffusers model" in err
+
+
+def test_the_command_line_offers_exactly_the_solvers_generate_builds():
+    from fixedpoint.cli import diffusion as cli
+    from fixedpoint.diffusion import generate
+
+    assert cli.METHODS == generate.METHODS
+
+
+def test_window_anderson_solves_on_the_window(model_dirs, tmp_path, capsys):
+    # ParaTAA on the sliding window from the command line (its parity with the sequential
+    # sampler is tested on exact-score chains in test_diffusion_solvers.py; this tiny
+    # random UNet amplifies rounding differences of every method alike): each call
+    # evaluates at most the window, plus the one step before it the Picard form re-reads.
+    code = main(
+        ["diffusion", "sample", "--model", str(model_dirs / "cond"), "--sampler", "ddpm",
+         "--steps", "12", "--num-samples", "2", "--method", "window-anderson", "--window",
+         "5", "--atol", "0", "--out", str(tmp_path / "g.png"), "--threads", "1"]
+    )
+    assert code == 0
+    line = next(s for s in capsys.readouterr().out.splitlines() if "by window-anderson" in s)
+    calls = int(line.split(" dependent network calls")[0].split()[-1])
+    rows = int(line.split(" network rows per sample")[0].split()[-1])
+    assert calls <= 12 and rows <= calls * (5 + 1)

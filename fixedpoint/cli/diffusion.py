@@ -10,7 +10,8 @@ with or without its scheduler config.  ``--method`` chooses how the sampler's ch
 steps is solved: ``sequential`` (the plain loop), ``jacobi``, ``window`` (ParaDiGMS's
 sliding window, ``--window``), ``paradigms`` (the window with ParaDiGMS's noise-scaled
 RMS rule, ``--tau``), ``gs-jacobi`` (block Picard, ``--blocks``) or
-``triangular-anderson`` (ParaTAA); ``--form`` picks the Picard (integral) or the Markov
+``triangular-anderson`` (ParaTAA) or ``window-anderson`` (ParaTAA on the sliding
+window, ``--window``); ``--form`` picks the Picard (integral) or the Markov
 form of the chain.
 
 Few-step samplers (``sample`` only; ``--steps`` is then the budget of network
@@ -48,6 +49,12 @@ from .common import (
 )
 
 SAMPLERS = ("ddim", "ddpm", "euler", "heun")
+# The solvers of a chain; fixedpoint.diffusion.generate.METHODS builds them (kept literal
+# here so that --help does not import torch; tests/test_diffusion_cli.py checks they agree).
+METHODS = (
+    "sequential", "jacobi", "window", "paradigms", "gs-jacobi", "triangular-anderson",
+    "window-anderson",
+)
 # Few-step samplers: CLI name -> fixedpoint.diffusion.fewstep name ("heun-k": diffusers'
 # Heun with an NFE budget, unlike the chain sampler "heun" with a step count).
 FEWSTEP = {
@@ -63,7 +70,6 @@ GRIDS = ("uniform", "polynomial", "logsnr")
 # fixedpoint.diffusion.train.PRESETS's names, spelled out so that building the parser
 # loads no application (a test checks that the two agree).
 PRESETS = ("digits", "mnist", "flow-digits", "flow-mnist")
-METHODS = ("sequential", "jacobi", "window", "paradigms", "gs-jacobi", "triangular-anderson")
 
 
 def register(subparsers: Any) -> None:

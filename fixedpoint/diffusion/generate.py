@@ -32,7 +32,10 @@ __all__ = ["GenerateError", "SamplerSpec", "generate"]
 
 SAMPLERS = ("ddim", "ddpm", "euler", "heun")
 FORMS = ("picard", "markov")
-METHODS = ("sequential", "jacobi", "window", "paradigms", "gs-jacobi", "triangular-anderson")
+METHODS = (
+    "sequential", "jacobi", "window", "paradigms", "gs-jacobi", "triangular-anderson",
+    "window-anderson",
+)
 
 
 class GenerateError(ValueError):
@@ -88,6 +91,10 @@ class SamplerSpec:
             ),
             "gs-jacobi": lambda: fp.GSJacobi(modules=min(self.blocks, chain_len(chain)), **tol),
             "triangular-anderson": lambda: fp.TriangularAnderson(memory=2, ridge=1e-3, **tol),
+            # ParaTAA on the sliding window (the memory the studies measured best on it)
+            "window-anderson": lambda: fp.TriangularAnderson(
+                memory=3, ridge=1e-3, window_width=self.window, **tol
+            ),
         }[self.method]()
 
     def form_type(self) -> type:
