@@ -354,6 +354,8 @@ def section_values(result: dict[str, Any]) -> dict[str, Any]:
         "tc_linear_minutes_g1": result["linear_fits"][studies]["minutes_to_target"],
         "tc_linear_minutes_best": result["linear_fits"][curve_best]["minutes_to_target"],
         "tc_minutes_per_epoch": last["train_cpu_s"] / 60 / last["epochs"],
+        "tc_max_point_spread": max(v["denoised_seed_spread"] for p in result["points"]
+                                   for v in p["summary"].values()),
         "tc_curve_table": curve_table(result),
         "tc_final_table": final_table(final),
     }

@@ -166,6 +166,11 @@ class Preset:
 # mnist-p2 441 / 761 ms (55 s/epoch, 12 epochs ~ 11 min; width 128 would cost 1.9 s/step
 # at T=196).  When another process keeps a core busy, two-thread kernels slow down 4-30x:
 # pass threads=1 (CLI --threads 1) there.
+# Sample quality is a matter of training length (studies/tarflow_training_curve.py): the
+# mnist-p4 model at the full mode's 8 epochs (17 CPU minutes at 1 thread) draws the digit
+# it is asked for 39% of the time at guidance 1, 44% at guidance 2 (2,000 samples x 2
+# seeds; chance at 2 epochs, then about +6 points per epoch, not yet saturating); 90% needs
+# 2-30x this budget by the fits (README), which a shared 2-core CPU does not have.
 PRESETS: dict[str, Preset] = {
     "digits": Preset(
         TarFlowConfig(
