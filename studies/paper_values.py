@@ -244,7 +244,8 @@ def run_record(run: dict[str, Any]) -> str:
                 "cache.")
     parts = [f"{sum(bool(i['interrupted']) for i in invocations)} invocation(s) were "
              f"interrupted; the steps below add up to {run['steps_s'] / 60:.1f} minutes."]
-    parts.append("It is complete (every model trained, every study finished)."
+    models = ", ".join(run.get("models", [])) or "no model"
+    parts.append(f"It is complete for {models} (every model trained, every study finished)."
                  if run.get("complete") else
                  "It is not complete: missing " + ", ".join(run.get("missing", [])) + ".")
     parts.append("It started from an empty cache (every model and classifier trained "
