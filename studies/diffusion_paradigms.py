@@ -160,6 +160,7 @@ def study_sampler(model, chain, window, cfg) -> dict:
         }
     ]
     for name, (tols, make) in candidates(chain, window, cfg["full_window_limit"]).items():
+        print(f"[paradigms] {chain.name}-{len(chain)}: {name}", flush=True)
         chosen = None
         for atol in tols or (None,):
             out, _ = solve_once(model, chain, make(atol), 1, 0, cfg)
