@@ -356,11 +356,17 @@ def main(argv: list[str] | None = None) -> None:
                         help="only compare sequential, Jacobi and damped Newton on every "
                              "block, on N evaluation samples")
     parser.add_argument("--out-dir", type=Path, default=CACHE / "auto_strategy")
+    parser.add_argument("--name", default=None,
+                        help="model name in the output file (default: the checkpoint's "
+                             "directory); `--name mnist-p4 --out-dir paper/results` puts "
+                             "the table into the paper's section for that model")
     args = parser.parse_args(argv)
+    if args.name and len(args.checkpoint) > 1:
+        parser.error("--name names one model: pass one --checkpoint with it")
     torch.set_num_threads(1)
     for path in args.checkpoint:
         model = load_model(path).eval()
-        name = path.parent.name
+        name = args.name or path.parent.name
         if args.uniform_newton:
             from .common import write_json
 

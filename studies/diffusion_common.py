@@ -21,12 +21,17 @@ TOLERANCES = (3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 1e-6)
 GUIDANCE = 2.0
 
 
-def parse_args(doc: str, argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(doc: str, argv: list[str] | None = None,
+               samplers: tuple[str, ...] = ()) -> argparse.Namespace:
     """``--mode`` and ``--models`` (the trained models to study; default: every one
-    available, see :func:`model_names`); fixes torch to one thread."""
+    available, see :func:`model_names`), and ``--samplers`` when the study offers a
+    choice (``samplers``); fixes torch to one thread."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--mode", choices=MODES, default="fast")
     parser.add_argument("--models", nargs="+", choices=("digits", "mnist"), default=None)
+    if samplers:
+        parser.add_argument("--samplers", nargs="+", choices=samplers, default=list(samplers),
+                            help="study only these samplers (default: all)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     args.mode = MODES[args.mode]

@@ -33,9 +33,11 @@ from .common import CACHE, Mode, read_json, study_main, timed, write_json
 from .crm_igm import paper_rule
 from .lib import (
     BUDGET,
+    QSEED,
     SEED,
     TOL,
     noise,
+    quality_images,
     sample,
     sequential_strategy,
     timing_clock,
@@ -111,21 +113,28 @@ def run_model(preset: str, mode: Mode) -> dict:
     plans = strategies(model, table, auto, info["strategy"])
 
     meter = QualityMeter.for_dataset(t.data, cache_dir=CACHE / "classifiers")
+    # Steps, tokens and deviation on the evaluation batch; quality on quality_samples
+    # samples per row from their own noise (seeds QSEED, QSEED + 1), drawn in chunks.
     z, y = noise(model, mode.eval_batch, seed=SEED)
     reference = sample(model, z, y, plans["sequential"], denoise=True)
-    z2, y2 = noise(model, mode.eval_batch, seed=SEED + 1)
-    second = sample(model, z2, y2, plans["sequential"], denoise=True)
-    fcd_seq = meter.frechet(reference.x)
-    noise_floor = abs(meter.frechet(second.x) - fcd_seq)
+    n_q = mode.quality_samples
+    with timed(f"{preset}: sequential quality, 2 x {n_q} samples"):
+        xq, yq = quality_images(model, n_q, QSEED, plans["sequential"])
+        xq2, yq2 = quality_images(model, n_q, QSEED + 1, plans["sequential"])
+    fcd_seq, acc_seq = meter.frechet(xq), meter.accuracy(xq, yq)
+    fcd_second, acc_second = meter.frechet(xq2), meter.accuracy(xq2, yq2)
+    noise_floor = abs(fcd_second - fcd_seq)
 
     rows = []
     for name, strategy in plans.items():
         with timed(f"{preset}: {name}"):
             s = reference if name == "sequential" else sample(model, z, y, strategy, denoise=True)
+            xs = xq if name == "sequential" else quality_images(model, n_q, QSEED, strategy)[0]
             rows.append({"strategy": name, "objective": objective_of(name),
                          "spec": strategy.describe(), **totals(s),
                          "deviation": deviation(s.x, reference.x),
-                         "fcd": meter.frechet(s.x), "accuracy": meter.accuracy(s.x, y)})
+                         "quality_deviation": deviation(xs, xq)["max_abs"],
+                         "fcd": meter.frechet(xs), "accuracy": meter.accuracy(xs, yq)})
     for b in timing_batches:
         zb, yb = noise(model, b, seed=SEED)
         with timed(f"{preset}: timing at batch {b}"):
@@ -147,13 +156,16 @@ def run_model(preset: str, mode: Mode) -> dict:
 
     out = {
         "preset": preset, "seq_len": c.seq_len, "blocks": c.blocks,
-        "eval_batch": mode.eval_batch, "timing_batches": list(timing_batches),
+        "eval_batch": mode.eval_batch, "quality_samples": n_q,
+        "timing_batches": list(timing_batches),
         "tolerance": TOL, "budget": BUDGET, "dtype": "float32", "device": "cpu",
         "repeats": mode.repeats,
         "threads": torch.get_num_threads(), "clock": clock_name,
         "test_bpd": t.test_bpd, "train_time_s": t.train_time, "parameters": t.parameters,
         "classifier_test_accuracy": meter.test_accuracy,
-        "fcd_sequential": fcd_seq, "fcd_noise_floor": noise_floor,
+        "fcd_sequential": fcd_seq, "fcd_second_seed": fcd_second,
+        "fcd_noise_floor": noise_floor, "accuracy_sequential": acc_seq,
+        "accuracy_second_seed": acc_second, "accuracy_noise_floor": abs(acc_second - acc_seq),
         "cost_model": {b: cost[b].to_dict() for b in timing_batches},
         "auto": auto_info, "rows": rows, "published": PUBLISHED,
     }

@@ -120,13 +120,15 @@ class TrainConfig:
 
 PRESETS: dict[str, TrainConfig] = {
     "digits": TrainConfig(),
-    # 28x28 without padding, two levels (28 -> 14), small batches: small enough to train
-    # on two shared CPU cores in about half an hour.
+    # 28x28 without padding, three levels (28 -> 14 -> 7: the coarsest sees the whole
+    # digit), 620k parameters, 0.44 s per step at batch 64 on one idle core (6,000 steps
+    # ~ 45 min).  The earlier two-level 160k model (2,500 steps of 32) drew digits at
+    # chance with DDIM-100 (classifier accuracy 0.16).
     "mnist": TrainConfig(
         dataset="mnist",
-        unet=UNetConfig(sample_size=28, channels=(16, 32), num_classes=10),
-        steps=2500,
-        batch_size=32,
+        unet=UNetConfig(sample_size=28, channels=(16, 32, 64), num_classes=10),
+        steps=6000,
+        batch_size=64,
         lr=2e-3,
         out_dir=".cache/diffusion/mnist",
     ),
