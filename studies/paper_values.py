@@ -578,7 +578,8 @@ def latency_part(a: dict | None, target: float | None) -> str:
     verdict = ""
     if best is not None and target is not None:
         verdict = (f" Best within the budget {a['budget']:g}: {best['strategy']}, "
-                   f"{best['step_reduction']:.2f}x fewer dependent steps (target >= "
+                   f"{best['step_reduction']:.2f}x fewer dependent steps on "
+                   f"{best.get('samples', a['eval_batch'])} samples (target >= "
                    f"{target:g}x: {'met' if best['step_reduction'] >= target else 'missed'}).")
     text = (f"The latency objective (fewest dependent steps within the budget, calibrated "
             f"on {a['calibration_batch']['latency']} samples with margin {a['margin']:g}) "
