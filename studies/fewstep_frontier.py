@@ -2,9 +2,12 @@
 
 Two ways to cut a diffusion sampler's latency on one model, measured by one yardstick:
 take fewer steps (diffusers' DDIM, PNDM, DPM-Solver++ 2M/3M, UniPC, Heun; iPNDM; AMED-Solver
-and AMED-Plugin distilled here; BOSS grids of Euler steps) or solve many steps in parallel
-(sliding window and ParaTAA on DDIM-100; DDPM-1000 from ``diffusion_paradigms``; a BOSS
-grid solved by Picard iteration).  Quality is
+and AMED-Plugin, on iPNDM and on DPM-Solver++(2M), distilled here; BOSS grids of Euler
+steps) or solve many steps in parallel (sliding window and ParaTAA on DDIM-100; DDPM-1000
+from ``diffusion_paradigms``; a BOSS grid solved by Picard iteration).  A class-conditional
+model is sampled with classifier-free guidance ``diffusion_common.GUIDANCE`` everywhere
+(every sampler, the reference solution, the AMED teacher, the BOSS reference), as
+``diffusion_paradigms`` samples it, so the two studies judge the same sampler.  Quality is
 
 * the RMS deviation of each sample from a high-accuracy solution of the same
   probability-flow ODE from the same noise (EDM Heun with ``ref_steps`` intervals on the
@@ -35,7 +38,15 @@ import fixedpoint.diffusion as fd
 from fixedpoint.diffusion import amed, fewstep
 
 from .common import CACHE, ROOT, key, save_figure, write_json
-from .diffusion_common import md_table, meter_for, model_names, out_path, parse, trained_model
+from .diffusion_common import (
+    GUIDANCE,
+    md_table,
+    meter_for,
+    model_names,
+    out_path,
+    parse,
+    trained_model,
+)
 
 # Published 5-NFE FID on CIFAR-10 (Zhou et al., AMED, CVPR 2024): the ordering to compare.
 AMED_CIFAR = {
@@ -53,6 +64,12 @@ BASELINES = {  # sampler name -> display name
     "unipc": "UniPC",
     "ipndm": "iPNDM",
     "heun": "Heun",
+}
+# AMED kind -> family name (the grid is appended); the base solver of each.
+AMED_FAMILIES = {
+    "amed": "AMED-Solver",
+    "amed-plugin": "AMED-Plugin",
+    "amed-plugin-dpmpp": "AMED-Plugin on DPM-Solver++(2M)",
 }
 
 
@@ -111,6 +128,11 @@ def rms(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).flatten(1).pow(2).mean(1).sqrt().mean())
 
 
+def guidance_for(model) -> float | None:
+    """The classifier-free guidance the studies sample a model with (None: unconditional)."""
+    return GUIDANCE if model.num_classes else None
+
+
 def eval_noise(model, n: int, seed: int = 12345):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, *model.sample_shape, generator=g)
@@ -120,20 +142,22 @@ def eval_noise(model, n: int, seed: int = 12345):
 
 def reference(model, x, labels, steps: int) -> dict:
     """EDM Heun with ``steps`` and ``steps // 2`` intervals (continuous polynomial grid);
-    the state at sigma_min and, one exact DDIM step later, at sigma = 0."""
+    the state at sigma_min and, one exact DDIM step later, at sigma = 0 (both guided as
+    the samplers are)."""
+    guidance = guidance_for(model)
 
     def solve(k: int) -> torch.Tensor:
         return (
             fewstep.HeunEDM(model.schedule, k, fewstep.PolynomialGrid(), integer=False)
-            .sample(model.denoiser(), x, labels)
+            .sample(model.denoiser(), x, labels, guidance)
             .sample
         )
 
     fine, coarse = solve(steps), solve(steps // 2)
     abar0 = float(model.schedule.alphas_cumprod[0])
     with torch.no_grad():
-        lab = labels
-        eps = model.denoiser()(fine, torch.zeros(len(x), dtype=torch.long), lab)
+        eps_fn = fewstep.GuidedEps(model.denoiser(), labels, guidance, len(x))
+        eps = eps_fn(fine, torch.zeros(1, dtype=torch.long))
     zero = (fine - math.sqrt(1 - abar0) * eps) / math.sqrt(abar0)
     return {
         "min": fine,
@@ -157,6 +181,8 @@ class Points:
             labels,
             cfg,
         )
+        self.guidance = guidance_for(model)
+        self.per_call = 1 if self.guidance is None else 2  # CFG: two rows per sample
         self.rows: list[dict] = []
 
     def ref_at(self, end_sigma: float, n: int) -> torch.Tensor:
@@ -192,9 +218,9 @@ class Points:
 
     def sampler(self, family: str, sampler, setting: str, grid: str | None) -> dict:
         den = self.model.denoiser()
-        out = sampler.sample(den, self.x, self.labels)
+        out = sampler.sample(den, self.x, self.labels, self.guidance)
         lab1 = None if self.labels is None else self.labels[:1]
-        seconds = self.wall(lambda: sampler.sample(den, self.x[:1], lab1))
+        seconds = self.wall(lambda: sampler.sample(den, self.x[:1], lab1, self.guidance))
         return self.add(
             family=family,
             setting=setting,
@@ -229,7 +255,7 @@ def grid_ablation(pts: Points) -> list[dict]:
     for name in ("dpmpp-2m", "dpmpp-3m", "unipc", "ipndm", "euler"):
         for grid in fewstep.GRIDS:
             s = fewstep.make_sampler(name, pts.model, 5, fewstep.GRIDS[grid]())
-            out = s.sample(pts.model.denoiser(), pts.x, pts.labels)
+            out = s.sample(pts.model.denoiser(), pts.x, pts.labels, pts.guidance)
             rows.append(
                 {
                     "sampler": name,
@@ -247,11 +273,11 @@ def amed_points(pts: Points, cfg: dict, name: str) -> list[dict]:
         (nfe, kind, grid)
         for grid in ("uniform", "polynomial")
         for nfe in cfg["amed_nfes"]
-        for kind in ("amed", "amed-plugin")
+        for kind in AMED_FAMILIES
     ]
     for nfe, kind, grid_name in runs:
         grid = fewstep.GRIDS[grid_name]()
-        family = f"{'AMED-Solver' if kind == 'amed' else 'AMED-Plugin'} ({grid_name})"
+        family = f"{AMED_FAMILIES[kind]} ({grid_name})"
         tc = amed.AMEDTrainConfig(
             kind=kind,
             nfe=nfe,
@@ -259,6 +285,7 @@ def amed_points(pts: Points, cfg: dict, name: str) -> list[dict]:
             samples=cfg["amed_samples"],
             epochs=cfg["amed_epochs"],
             batch_size=cfg["amed_batch"],
+            guidance=pts.guidance,  # the teacher is guided as the student samples
             seed=1,  # the distillation pool is not the evaluation noise (seed 12345)
         )
         path = CACHE / f"amed-{name}-{kind}-{nfe}-{key(fingerprint, tc.__dict__, str(tc.grid))}.pt"
@@ -270,7 +297,7 @@ def amed_points(pts: Points, cfg: dict, name: str) -> list[dict]:
         base = (
             fewstep.Midpoint(pts.model.schedule, sampler.steps, grid, afs=sampler.afs)
             if kind == "amed"
-            else amed.AMEDPlugin(
+            else amed.KINDS[kind](
                 pts.model.schedule,
                 sampler.steps,
                 amed.AMEDPredictor(amed.bottleneck_features(pts.model.unet)),
@@ -287,11 +314,19 @@ def boss_points(pts: Points, cfg: dict) -> dict:
     classes = pts.model.num_classes
     ref_labels = None if classes is None else torch.arange(100) % classes
     start = time.perf_counter()
-    grids = fd.boss_grids(flow, cfg["boss_ks"], samples=100, k_max=100, seed=0, labels=ref_labels)
+    # The reference of fd.boss_grids (100 seeded noises, 100 Euler steps), made here with
+    # the guidance every sampler of the study uses.
+    noise = torch.randn(
+        100, *flow.denoiser.sample_shape, generator=torch.Generator().manual_seed(0)
+    )
+    reference = fd.reference_trajectories(
+        flow, noise, steps=100, labels=ref_labels, guidance=pts.guidance
+    )
+    grids = fd.boss_grids(flow, cfg["boss_ks"], reference=reference)
     info = {
         "reference_seconds": time.perf_counter() - start,
-        "reference_dependent_calls": 100,
-        "reference_rows": 100 * 100,
+        "reference_dependent_calls": reference.calls,
+        "reference_rows": reference.rows,
         "grids": {k: g.to_json() for k, g in grids.items()},
     }
     den = flow.denoiser
@@ -299,7 +334,7 @@ def boss_points(pts: Points, cfg: dict) -> dict:
         chain = grid.chain(flow)
 
         def run(x, labels, chain=chain):
-            return fd.sample_loop(chain, den, chain.start(x), labels=labels)
+            return fd.sample_loop(chain, den, chain.start(x), labels=labels, guidance=pts.guidance)
 
         images = run(pts.x, pts.labels)
         lab1 = None if pts.labels is None else pts.labels[:1]
@@ -309,7 +344,7 @@ def boss_points(pts: Points, cfg: dict) -> dict:
             grid="boss",
             nfe=k,
             dependent=k,
-            total_per_sample=k,
+            total_per_sample=k * pts.per_call,
             end_sigma=0.0,
             seconds_b1=pts.wall(lambda run=run, lab1=lab1: run(pts.x[:1], lab1)),
             **pts.quality(images, 0.0, pts.labels),
@@ -319,7 +354,7 @@ def boss_points(pts: Points, cfg: dict) -> dict:
     chain = grids[k].chain(flow)
 
     def picard(x, labels, atol):
-        fmap = fd.PicardMap(chain, den, chain.start(x), labels=labels)
+        fmap = fd.PicardMap(chain, den, chain.start(x), labels=labels, guidance=pts.guidance)
         return fd.solve_chain(fmap, fp.Jacobi(atol=atol, rtol=0.0))
 
     for atol in cfg["boss_parallel_tols"]:
@@ -368,7 +403,8 @@ def parallel_points(pts: Points, cfg: dict) -> None:
     steps = cfg["ddim_steps"]
     chain = fd.DDIMChain.from_schedule(sched, steps)
     den = pts.model.denoiser()
-    images = fd.sample_loop(chain, den, pts.x, labels=pts.labels)
+    g = pts.guidance
+    images = fd.sample_loop(chain, den, pts.x, labels=pts.labels, guidance=g)
     lab1 = None if pts.labels is None else pts.labels[:1]
     pts.add(
         family=f"DDIM-{steps} sequential",
@@ -376,9 +412,9 @@ def parallel_points(pts: Points, cfg: dict) -> None:
         grid="uniform",
         nfe=steps,
         dependent=steps,
-        total_per_sample=steps,
+        total_per_sample=steps * pts.per_call,
         end_sigma=float(fewstep.Sigmas(sched).sigma_min),
-        seconds_b1=pts.wall(lambda: fd.sample_loop(chain, den, pts.x[:1], labels=lab1)),
+        seconds_b1=pts.wall(lambda: fd.sample_loop(chain, den, pts.x[:1], labels=lab1, guidance=g)),
         **pts.quality(images, 1.0, pts.labels),
     )
     methods = {
@@ -393,7 +429,7 @@ def parallel_points(pts: Points, cfg: dict) -> None:
         for atol in cfg["parallel_tols"]:
 
             def solve(x, labels, make=make, atol=atol):
-                fmap = fd.PicardMap(chain, den, x, labels=labels)
+                fmap = fd.PicardMap(chain, den, x, labels=labels, guidance=g)
                 return fd.solve_chain(fmap, make(atol))
 
             pts.add(
@@ -443,7 +479,7 @@ def fcd_noise(pts: Points) -> dict:
     values = []
     for seed in (12345, 54321):
         x, labels = eval_noise(pts.model, pts.cfg["samples"], seed)
-        images = crop(s.sample(pts.model.denoiser(), x, labels).sample, pts.model)
+        images = crop(s.sample(pts.model.denoiser(), x, labels, pts.guidance).sample, pts.model)
         values.append(pts.meter.frechet(images))
     return {
         "sampler": "DPM-Solver++(3M), NFE 20",
@@ -497,6 +533,14 @@ ORDERING = {
     "DPM-Solver++(3M)": "DPM-Solver++(3M)",
     "DDIM": "DDIM",
 }
+# The issue's target (AMED beats DDIM and DPM-Solver++ at five evaluations), for every
+# AMED family; the DPM-Solver++ plugin on the polynomial grid, as the iPNDM one.
+TARGETS = {
+    "AMED-Solver": ORDERING["AMED-Solver"],
+    "AMED-Plugin": ORDERING["AMED-Plugin"],
+    "AMED-Plugin on DPM-Solver++(2M)": "AMED-Plugin on DPM-Solver++(2M) (polynomial)",
+}
+COMPARED = {"DDIM": ORDERING["DDIM"], "DPM-Solver++(3M)": ORDERING["DPM-Solver++(3M)"]}
 
 
 def nfe5_table(rows: list[dict]) -> list[dict]:
@@ -558,23 +602,24 @@ def section_values(p: dict) -> dict:
     fcd_order, dev_order = p["ordering"]["fcd"], p["ordering"]["deviation"]
     by = {r["family"]: r for r in rows5}
 
-    def beats(a: str, b: str, metric: str) -> str:
-        if ORDERING[a] not in by or ORDERING[b] not in by:
-            return f"{a} vs {b}: not measured"
-        va, vb = by[ORDERING[a]][metric], by[ORDERING[b]][metric]
-        win = va < vb
-        verb = "beats" if win else "does not beat"
+    def beats(a: str, b: str, metric: str) -> str | None:
+        fa, fb = TARGETS[a], COMPARED[b]
+        if fa not in by or fb not in by:
+            # A results file from before a family existed lacks it: say nothing of it.
+            return None
+        va, vb = by[fa].get(metric), by[fb].get(metric)
+        if va is None or vb is None:
+            return f"{a} vs {b}: {metric} not measured"
+        verb = "beats" if va < vb else "does not beat"
         return f"{a} {verb} {b} on {metric} ({va:.3g} vs {vb:.3g})"
 
-    targets = "; ".join(
-        beats(a, b, metric)
-        for metric in ("fcd", "deviation")
-        for a in ("AMED-Solver", "AMED-Plugin")
-        for b in ("DDIM", "DPM-Solver++(3M)")
-    )
+    found = [
+        beats(a, b, metric) for metric in ("fcd", "deviation") for a in TARGETS for b in COMPARED
+    ]
+    targets = "; ".join(t for t in found if t is not None) or "not measured"
     noise = p["fcd_noise"]
     ref = p["reference"]
-    amed_secs = [r["seconds"] for r in p["amed_training"]]
+    amed_secs = [r["seconds"] for r in p.get("amed_training", [])]
     values = {
         f"fs_{m}_table": table,
         f"fs_{m}_grid_table": grid_table,
@@ -714,12 +759,20 @@ def run_model(name: str, mode, cfg: dict) -> dict:
     rows = pts.rows
     own = [r for r in rows if r.get("deviation") is not None]
     rows5 = nfe5_table(rows)
+    guidance = guidance_for(model)
     payload = {
         "model": name,
         "test_loss": model.meta.get("test_loss"),
         "settings": cfg,
+        "guidance": guidance,
         "regime": "CPU, 1 torch thread, float32, batch 1 for wall-clock, machine shared with "
-        "other jobs",
+        "other jobs"
+        + (
+            f"; classifier-free guidance {guidance:g} for every sampler, the reference, the "
+            "AMED teacher and the BOSS reference"
+            if guidance is not None
+            else ""
+        ),
         "reference": {k: v for k, v in ref.items() if k not in ("min", "zero")}
         | {"solver": f"EDM Heun, {cfg['ref_steps']} intervals, continuous polynomial grid"},
         "points": rows,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import fixedpoint.diffusion as fd
 from fixedpoint.cli import main
@@ -51,6 +53,159 @@ def test_neutral_amed_steps_are_their_base_solver_steps(model, noise, grid, afs)
     p, q = plugin.sample(den, x, labels), ipndm.sample(den, x, labels)
     torch.testing.assert_close(p.sample, q.sample, rtol=1e-6, atol=1e-5)
     assert p.network.calls == q.network.calls == plugin.nfe
+
+
+def _diffusers_dpmpp(model, x, labels, sigmas, order, afs):
+    """diffusers' DPM-Solver++ (data prediction, midpoint 2M / 3M, lower_order_final) driven
+    through the given (fractional) noise levels: the reference for the neutral plugin."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    sig = fs.Sigmas(model.schedule)
+    cfg = {k: v for k, v in model.schedule.config.items() if not k.startswith("_")}
+    sched = DPMSolverMultistepScheduler.from_config(
+        {
+            **cfg,
+            "algorithm_type": "dpmsolver++",
+            "solver_order": order,
+            "final_sigmas_type": "sigma_min",
+            "lower_order_final": True,
+        }
+    )
+    n = len(sigmas) - 1
+    sched.set_timesteps(n)
+    # The levels themselves replace diffusers' (its step reads only these two arrays).
+    sched.sigmas = sigmas.to(x.dtype)
+    sched.timesteps = sig.t_of(sigmas[:-1]).float()
+    sched.set_begin_index(0)
+    eps = fs.GuidedEps(model.denoiser(), labels, None, len(x))
+    with torch.no_grad():
+        for k in range(n):
+            t = sched.timesteps[k]
+            e = x if afs and k == 0 else eps(x, t.reshape(1))  # AFS: eps ~ x at sigma_max
+            x = sched.step(e, t, x).prev_sample
+    return x
+
+
+def _geometric_refinement(model, grid, steps):
+    sig = fs.Sigmas(model.schedule)
+    s = sig.at(grid.timesteps(sig, steps))
+    mid = (s[:-1] * s[1:]).sqrt()
+    return torch.stack([s[:-1], mid], 1).flatten().tolist() + [float(s[-1])]
+
+
+@pytest.mark.parametrize("grid", [fs.PolynomialGrid(), fs.LogSNRGrid(), fs.UniformGrid()])
+@pytest.mark.parametrize("afs", [True, False])
+@pytest.mark.parametrize("order", [2, 3])
+def test_neutral_dpmpp_plugin_is_diffusers_dpmpp_on_the_refined_grid(
+    model, noise, grid, afs, order
+):
+    x, labels = noise
+    plugin = amed.AMEDPluginDPMpp(model.schedule, 3, _predictor(model), grid, afs, order=order)
+    out = plugin.sample(model.denoiser(), x, labels)
+    sigmas = torch.tensor(_geometric_refinement(model, grid, 3), dtype=torch.float64)
+    torch.testing.assert_close(plugin.grid_sigma, sigmas[::2])
+    ref = _diffusers_dpmpp(model, x, labels, sigmas, order, afs)
+    # diffusers steps in float32 whatever the input, and this random UNet's samples reach
+    # hundreds: agreement is judged relative to the samples' scale, and a wrong order
+    # (the other of 2M / 3M) must miss by far more.
+    scale = float(ref.abs().max())
+    assert float((out.sample - ref).abs().max()) <= 1e-5 * scale
+    other = _diffusers_dpmpp(model, x, labels, sigmas, 5 - order, afs)
+    assert float((out.sample - other).abs().max()) > 1e-3 * scale
+    assert out.network.calls == plugin.nfe == 6 - afs
+    assert bool(torch.isfinite(out.sample).all())
+
+
+class _FixedR(torch.nn.Module):
+    """A stand-in predictor: a given r per interval (looked up by t_cur), c = 1."""
+
+    def __init__(self, features, r_by_t):
+        super().__init__()
+        self.config = {"features": features}
+        self.r_by_t = r_by_t
+
+    def forward(self, feats, t_cur, t_next):
+        r = torch.tensor(self.r_by_t[int(t_cur)], dtype=torch.float32)
+        return r.expand(len(feats)), torch.ones(len(feats))
+
+
+def test_a_plugin_with_integer_midpoints_is_the_projects_dpmpp_2m(model, noise):
+    # r chosen so that every s_mid is a training noise level: the plugin is then the
+    # project's own DPM-Solver++(2M) (diffusers through make_sampler) on the integer grid.
+    x, labels = noise
+    sig = fs.Sigmas(model.schedule)
+    t = fs.UniformGrid().timesteps(sig, 3)
+    mids = [int(v) for v in ((t[:-1] + t[1:]) // 2)]
+    s = sig.at(t)
+    r_by_t = {
+        int(t[i]): float((sig.train[mids[i]] / s[i]).log() / (s[i + 1] / s[i]).log())
+        for i in range(3)
+    }
+    pred = _FixedR(amed.bottleneck_features(model.unet), r_by_t)
+    plugin = amed.AMEDPluginDPMpp(model.schedule, 3, pred, fs.UniformGrid(), afs=False)
+    values = tuple(float(v) for i in range(3) for v in (t[i], mids[i])) + (0.0,)
+    base = fs.make_sampler("dpmpp-2m", model, 6, fs.CustomGrid(values))
+    den = model.denoiser()
+    a, b = plugin.sample(den, x, labels), base.sample(den, x, labels)
+    torch.testing.assert_close(a.sample, b.sample, rtol=1e-5, atol=1e-5)
+    assert a.network.calls == b.network.calls == 6
+
+
+def test_the_dpmpp_plugin_is_deterministic_and_its_scale_acts_on_the_model_term(model, noise):
+    x, labels = noise
+    den = model.denoiser()
+    pred = _predictor(model)
+    with torch.no_grad():
+        pred.head.bias.copy_(torch.tensor([0.7, 40.0]))  # r != 1/2, c at the band's top
+    plugin = amed.AMEDPluginDPMpp(model.schedule, 3, pred)
+    a, b = plugin.sample(den, x, labels), plugin.sample(den, x, labels)
+    assert torch.equal(a.sample, b.sample) and bool(torch.isfinite(a.sample).all())
+    neutral = amed.AMEDPluginDPMpp(model.schedule, 3, _predictor(model)).sample(den, x, labels)
+    assert float((a.sample - neutral.sample).abs().max()) > 1e-3
+    # One update by hand: c multiplies (y_t - (s_t / s_0) y), the model term, and no more.
+    y = torch.randn(2, 4)
+    hist = [
+        (torch.randn(2, 4), torch.full((2,), 3.0, dtype=torch.float64)),
+        (torch.randn(2, 4), torch.full((2,), 2.0, dtype=torch.float64)),
+    ]
+    s_t = torch.full((2,), 1.0, dtype=torch.float64)
+    plain = amed.dpmpp_update(y, hist, s_t, 2)
+    scaled = amed.dpmpp_update(y, hist, s_t, 2, torch.tensor([1.01, 0.99]))
+    torch.testing.assert_close(scaled - y / 2, (plain - y / 2) * torch.tensor([[1.01], [0.99]]))
+    # Order 1 with the denoised D held fixed is exact: y_t - D = (s_t / s_0) (y - D).
+    d = hist[-1][0]
+    torch.testing.assert_close(amed.dpmpp_update(y, hist, s_t, 1), d + (y - d) / 2)
+
+
+@given(
+    top=st.floats(-2.0, 4.0),
+    gaps=st.lists(st.floats(0.05, 2.0), min_size=3, max_size=3),  # log-sigma steps
+    order=st.integers(1, 3),
+    c=st.floats(0.99, 1.01),
+    seed=st.integers(0, 2**16),
+)
+def test_dpmpp_update_is_exact_for_a_constant_denoised_sample(top, gaps, order, c, seed):
+    # With D the same at every history point the ODE dy/dsigma = (y - D) / sigma is solved
+    # exactly by y_t = D + (s_t / s_0)(y - D) at any order (the differences vanish), and c
+    # scales exactly the model term y_t - (s_t / s_0) y = (1 - s_t / s_0) D.
+    logs = [top - sum(gaps[:k]) for k in range(4)]
+    s = [float(torch.tensor(v, dtype=torch.float64).exp()) for v in logs]
+    g = torch.Generator().manual_seed(seed)
+    y, d = torch.randn(2, 5, generator=g, dtype=torch.float64)
+    y, d = y.expand(2, 5), d.expand(2, 5)
+    hist = [(d, torch.full((2,), v, dtype=torch.float64)) for v in s[:3]]
+    s_t = torch.full((2,), s[3], dtype=torch.float64)
+    ratio = s[3] / s[2]
+    out = amed.dpmpp_update(y, hist, s_t, order, torch.tensor([c, 1.0]))
+    torch.testing.assert_close(out[1], d[1] + ratio * (y[1] - d[1]))
+    torch.testing.assert_close(out[0] - ratio * y[0], c * (1 - ratio) * d[0])
+
+
+def test_bad_plugin_orders_are_refused_in_one_line(model):
+    for cls, bad in ((amed.AMEDPluginDPMpp, 4), (amed.AMEDPluginDPMpp, 0), (amed.AMEDPlugin, 5)):
+        with pytest.raises(amed.AMEDError, match="order must be") as info:
+            cls(model.schedule, 3, _predictor(model), order=bad)
+        assert len(str(info.value).splitlines()) == 1
 
 
 def test_a_non_neutral_predictor_changes_the_step_within_its_band(model, noise):
@@ -147,7 +302,8 @@ def test_cli_amed_sampling_and_mismatch_exit_codes(model, trained, tmp_path, cap
     assert "not amed with --steps 5" in capsys.readouterr().err
 
 
-def test_cli_amed_train_writes_a_checkpoint(model, tmp_path, capsys):
+@pytest.mark.parametrize("kind", ["amed-plugin", "amed-plugin-dpmpp"])
+def test_cli_amed_train_writes_a_checkpoint(model, tmp_path, capsys, kind):
     model.save(tmp_path / "m")
     out = tmp_path / "p.pt"
     code = main(
@@ -157,7 +313,7 @@ def test_cli_amed_train_writes_a_checkpoint(model, tmp_path, capsys):
             "--model",
             str(tmp_path / "m"),
             "--kind",
-            "amed-plugin",
+            kind,
             "--steps",
             "3",
             "--samples",
@@ -174,7 +330,7 @@ def test_cli_amed_train_writes_a_checkpoint(model, tmp_path, capsys):
         ]
     )
     assert code == 0 and out.is_file()
-    assert isinstance(amed.load_amed(out, model), amed.AMEDPlugin)
+    assert type(amed.load_amed(out, model)) is amed.KINDS[kind]
     assert (
         main(
             [
@@ -190,3 +346,61 @@ def test_cli_amed_train_writes_a_checkpoint(model, tmp_path, capsys):
         )
         == 2
     )
+
+
+@pytest.fixture(scope="module")
+def trained_dpmpp(model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("amed-dpmpp") / "p.pt"
+    cfg = amed.AMEDTrainConfig(
+        kind="amed-plugin-dpmpp", nfe=3, samples=16, epochs=4, batch_size=8, lr=5e-3
+    )
+    sampler, report = amed.train_amed(model, cfg, path, progress=False)
+    return path, sampler, report, cfg
+
+
+def test_the_dpmpp_plugin_distils_saves_and_refuses_another_model(model, noise, trained_dpmpp):
+    path, sampler, report, cfg = trained_dpmpp
+    assert isinstance(sampler, amed.AMEDPluginDPMpp) and sampler.nfe == 3
+    assert report["losses"][-1] < report["losses"][0]
+    again = amed.load_amed(path, model)
+    assert isinstance(again, amed.AMEDPluginDPMpp) and again.order == sampler.order == 2
+    x, labels = noise
+    a = sampler.sample(model.denoiser(), x, labels).sample
+    assert torch.equal(a, again.sample(model.denoiser(), x, labels).sample)
+    assert bool(torch.isfinite(a).all())
+    with pytest.raises(amed.AMEDError, match="trained for another model"):
+        amed.load_amed(path, fd.tiny_model(num_classes=3, seed=5))
+
+
+def test_cli_dpmpp_plugin_sampling_and_bad_input(model, trained_dpmpp, tmp_path, capsys):
+    path = trained_dpmpp[0]
+    model.save(tmp_path / "m")
+    base = [
+        "diffusion",
+        "sample",
+        "--model",
+        str(tmp_path / "m"),
+        "--num-samples",
+        "2",
+        "--out",
+        str(tmp_path / "g.png"),
+        "--threads",
+        "1",
+        "--predictor",
+        str(path),
+    ]
+    assert main([*base, "--sampler", "amed-plugin-dpmpp", "--steps", "3"]) == 0
+    assert "3 dependent network calls" in capsys.readouterr().out
+    # The checkpoint holds a DPM-Solver++ plugin: asking for the iPNDM one is refused.
+    assert main([*base, "--sampler", "amed-plugin", "--steps", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "amed-plugin-dpmpp predictor" in err and len(err.splitlines()) == 1
+    assert main([*base, "--sampler", "amed-plugin-dpmpp", "--steps", "4"]) == 2
+    assert "not amed-plugin-dpmpp with --steps 4" in capsys.readouterr().err
+
+
+def test_cli_offers_every_amed_kind():
+    from fixedpoint.cli import diffusion as cli
+
+    assert cli.AMED_KINDS == tuple(amed.KINDS)
+    assert set(cli.LEARNED) == {*amed.KINDS, "boss"}

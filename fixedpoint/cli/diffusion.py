@@ -16,9 +16,10 @@ form of the chain.
 
 Few-step samplers (``sample`` only; ``--steps`` is then the budget of network
 evaluations): ``dpmpp-2m``, ``dpmpp-3m``, ``unipc``, ``pndm``, ``heun-k`` (diffusers'
-schedulers), ``ipndm``, ``amed`` and ``amed-plugin`` (with ``--predictor``, trained by
-``amed-train``) and ``boss`` (a BOSS grid of Euler steps; ``--method`` other than
-sequential solves it in parallel), on ``--grid`` or ``--grid-timesteps``::
+schedulers), ``ipndm``, ``amed``, ``amed-plugin`` (on iPNDM), ``amed-plugin-dpmpp`` (on
+DPM-Solver++(2M); the three with ``--predictor``, trained by ``amed-train``) and ``boss``
+(a BOSS grid of Euler steps; ``--method`` other than sequential solves it in parallel), on
+``--grid`` or ``--grid-timesteps``::
 
     fixedpoint diffusion amed-train --model DIR --kind amed --steps 5 --out amed5.pt
     fixedpoint diffusion sample --model DIR --sampler amed --steps 5 --predictor amed5.pt
@@ -65,7 +66,9 @@ FEWSTEP = {
     "heun-k": "heun",
     "ipndm": "ipndm",
 }
-LEARNED = ("amed", "amed-plugin", "boss")
+# fixedpoint.diffusion.amed.KINDS, spelled out (tests/test_amed.py checks they agree).
+AMED_KINDS = ("amed", "amed-plugin", "amed-plugin-dpmpp")
+LEARNED = (*AMED_KINDS, "boss")
 GRIDS = ("uniform", "polynomial", "logsnr")
 # fixedpoint.diffusion.train.PRESETS's names, spelled out so that building the parser
 # loads no application (a test checks that the two agree).
@@ -98,7 +101,7 @@ def register(subparsers: Any) -> None:
 
     amed = sub.add_parser("amed-train", help="distil an AMED predictor for a model")
     amed.add_argument("--model", required=True, metavar="DIR")
-    amed.add_argument("--kind", choices=("amed", "amed-plugin"), default="amed")
+    amed.add_argument("--kind", choices=AMED_KINDS, default="amed")
     amed.add_argument(
         "--steps", type=checked_int(1, 100), default=5, help="NFE budget of the student"
     )
@@ -365,11 +368,11 @@ def _fewstep_sampler(args: argparse.Namespace, model: Any) -> Any:
     with user_errors(fewstep.FewStepError):
         if args.sampler in FEWSTEP:
             return fewstep.make_sampler(FEWSTEP[args.sampler], model, args.steps, grid)
-        if args.sampler in ("amed", "amed-plugin"):
+        if args.sampler in AMED_KINDS:
             if args.predictor is None:
                 raise UserError(f"--sampler {args.sampler} needs --predictor (see amed-train)")
             sampler = amed.load_amed(args.predictor, model)
-            kind = "amed" if isinstance(sampler, amed.AMEDSolver) else "amed-plugin"
+            kind = amed.kind_of(sampler)
             if kind != args.sampler or sampler.nfe != args.steps:
                 raise UserError(
                     f"{args.predictor} holds an {kind} predictor for {sampler.nfe} "

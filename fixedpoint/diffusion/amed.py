@@ -20,8 +20,19 @@ the authors use).  The last layer starts at zero, so an untrained predictor outp
 * :class:`AMEDPlugin` (on iPNDM): iPNDM steps to ``s_mid`` and on to ``s_{i+1}`` (scaled
   by ``c``), the multistep history running over both; neutral, it is
   :class:`~.fewstep.IPNDM` on the grid with the geometric midpoints inserted.
+* :class:`AMEDPluginDPMpp` (on multistep DPM-Solver++, data prediction, order 2 by
+  default, 3 allowed): the same two sub-steps as DPM-Solver++ updates in
+  ``lambda = -log sigma`` on the denoised ``D = y - sigma eps``, the history of ``(D,
+  sigma)`` running over every evaluated point (the per-sample ``s_mid`` included), ``c``
+  scaling the model term of the second sub-step (what the authors' ``scale_dir`` does);
+  neutral, it is diffusers' ``DPMSolverMultistepScheduler`` (``dpmsolver++``,
+  ``solver_type="midpoint"``, ``lower_order_final``) on the grid with the geometric
+  midpoints inserted.  The order is lowered at the start (warm-up) and, as diffusers does
+  below 15 sub-steps, at the end (the authors' code always lowers it at the end; the two
+  agree up to 7 intervals, i.e. NFE 13), so that neutral it is the library baseline at
+  any budget.
 
-Both take the analytical first step (``afs``: ``eps ~ x`` at the largest noise level),
+All three take the analytical first step (``afs``: ``eps ~ x`` at the largest noise level),
 so ``S`` intervals cost ``2 S - 1`` evaluations; an odd NFE budget ``k`` gives
 ``S = (k + 1) / 2`` with it, an even one ``S = k / 2`` without.
 
@@ -29,13 +40,17 @@ Training (:func:`train_amed`) is AMED's distillation: a teacher (EDM Heun with `
 extra grid points between the student's) gives reference states at the student's grid
 points for a pool of starting noises; per interval, the student's step is compared with
 the teacher's state (squared error) and the predictor takes an Adam step.  The AMED
-solver starts each interval from the teacher's state, the plugin from its own (its
-history must be its own), as in the authors' training loop.  The checkpoint is written
+solver starts each interval from the teacher's state, the plugins from their own (their
+history must be their own), as in the authors' training loop.  The checkpoint is written
 atomically (:mod:`fixedpoint.atomic`) with a fingerprint of the model's weights and
 scheduler; :func:`load_amed` refuses a predictor trained for another model.
 
 What is left out: the authors' optional second scale (on the time fed to the network at
-``s_mid``) and their DPM-Solver++ plugin.
+``s_mid``); in the DPM-Solver++ plugin, their dynamic thresholding of ``D`` (a clip at
+the 0.995 quantile, off in diffusers by default and in this project's DPM-Solver++
+baseline), their noise-prediction variant (``predict_x0=False``, which their latent-model
+runs use) and their DPM-Solver++ teacher: every AMED predictor here is distilled from
+the same Heun teacher.
 """
 
 from __future__ import annotations
@@ -72,9 +87,12 @@ from .schedule import NoiseSchedule
 __all__ = [
     "AMEDError",
     "AMEDPlugin",
+    "AMEDPluginDPMpp",
     "AMEDPredictor",
     "AMEDSolver",
     "amed_for_budget",
+    "dpmpp_update",
+    "kind_of",
     "load_amed",
     "model_fingerprint",
     "train_amed",
@@ -183,7 +201,7 @@ def _unet_of(denoiser: Denoiser) -> nn.Module:
 
 @dataclass(frozen=True)
 class _AMED:
-    """What both AMED samplers share: ``steps`` intervals of ``grid``, a predictor."""
+    """What the AMED samplers share: ``steps`` intervals of ``grid``, a predictor."""
 
     schedule: NoiseSchedule
     steps: int
@@ -253,6 +271,14 @@ class _AMED:
     def _init_state(self) -> Any:
         return None
 
+    def _detached(self, state: Any) -> Any:
+        """The carried state cut from the autograd graph (between training intervals)."""
+        return state
+
+    def _extra(self) -> dict[str, Any]:
+        """Constructor arguments beyond the shared ones (saved with the checkpoint)."""
+        return {}
+
     def _interval(self, y, i, d_fn, hook, state, sig):  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -281,8 +307,19 @@ class AMEDPlugin(_AMED):
 
     order: int = 4
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.order, int) or not 1 <= self.order <= 4:
+            raise AMEDError(f"the iPNDM plugin's order must be 1..4, got {self.order!r}")
+        super().__post_init__()
+
     def _init_state(self) -> Any:
         return []
+
+    def _detached(self, state: Any) -> Any:
+        return [h.detach() for h in state]
+
+    def _extra(self) -> dict[str, Any]:
+        return {"order": self.order}
 
     def _push(self, history: list[Tensor], d: Tensor) -> list[Tensor]:
         return (history + [d])[-(self.order - 1) :] if self.order > 1 else []
@@ -299,7 +336,106 @@ class AMEDPlugin(_AMED):
         return y_next, self._push(history, d_mid.detach())
 
 
-KINDS: dict[str, type[_AMED]] = {"amed": AMEDSolver, "amed-plugin": AMEDPlugin}
+def dpmpp_update(
+    y: Tensor,
+    history: list[tuple[Tensor, Tensor]],
+    s_t: Tensor,
+    order: int,
+    scale: Tensor | float = 1.0,
+) -> Tensor:
+    """One multistep DPM-Solver++ update (data prediction) from the newest history point
+    to ``s_t``, in EDM coordinates (``y = x sqrt(1 + sigma^2)``, ``lambda = -log sigma``).
+
+    ``history``: ``(D, sigma)`` pairs, newest last, ``D`` the denoised sample and ``sigma``
+    per sample ``(B,)``; ``order`` 1..3 uses that many of them (Lu et al.'s 2M with
+    diffusers' ``midpoint`` form, and 3M).  ``scale`` (per sample) multiplies the model
+    term, not the ``(s_t / s_0) y`` term: AMED's ``c``.
+    """
+    if not 1 <= order <= min(3, len(history)):
+        raise AMEDError(f"DPM-Solver++ order {order} needs that many history points")
+    d0, s0 = history[-1]
+    lam0, lam_t = -s0.double().log(), -s_t.double().log()
+    h = lam_t - lam0
+    phi1 = torch.expm1(-h)
+    term = _col(phi1, y) * d0
+    if order >= 2:
+        d1, s1 = history[-2]
+        r0 = (lam0 + s1.double().log()) / h
+        diff0 = (d0 - d1) / _col(r0, y)
+        if order == 2:
+            term = term + 0.5 * _col(phi1, y) * diff0
+        else:
+            d2, s2 = history[-3]
+            r1 = (s2.double().log() - s1.double().log()) / h
+            diff1 = (d1 - d2) / _col(r1, y)
+            first = diff0 + _col(r0 / (r0 + r1), y) * (diff0 - diff1)
+            second = (diff0 - diff1) / _col(r0 + r1, y)
+            phi2 = phi1 / h + 1
+            phi3 = phi2 / h - 0.5
+            term = term - _col(phi2, y) * first + _col(phi3, y) * second
+    scale = scale if isinstance(scale, Tensor) else torch.tensor(float(scale))
+    ratio = (s_t.double() / s0.double()).expand(len(y))
+    return _col(ratio, y) * y - _col(scale.expand(len(y)), y) * term
+
+
+@dataclass(frozen=True)
+class AMEDPluginDPMpp(_AMED):
+    """AMED-Plugin on multistep DPM-Solver++ (order ``order``, 2 by default): a learned
+    point inside each interval, ``c`` scaling the second sub-step (module docstring)."""
+
+    order: int = 2
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.order, int) or not 1 <= self.order <= 3:
+            raise AMEDError(f"the DPM-Solver++ plugin's order must be 1..3, got {self.order!r}")
+        super().__post_init__()
+
+    def _init_state(self) -> Any:
+        return []
+
+    def _detached(self, state: Any) -> Any:
+        return [(d.detach(), s.detach()) for d, s in state]
+
+    def _extra(self) -> dict[str, Any]:
+        return {"order": self.order}
+
+    def _order(self, k: int, available: int) -> int:
+        """The order of sub-step ``k`` (1-based, of ``2 steps``): warm-up at the start,
+        lowered at the end below 15 sub-steps (diffusers' ``lower_order_final``)."""
+        total = 2 * self.steps
+        o = min(self.order, available)
+        return min(o, total - k + 1) if total < 15 else o
+
+    def _interval(self, y, i, d_fn, hook, history, sig):
+        d, feats = self._first(y, i, d_fn, hook)
+        r, c = self._predict(feats, i, len(y))
+        b = len(y)
+        s0 = self.grid_sigma[i].reshape(1).expand(b)
+        s1 = self.grid_sigma[i + 1].reshape(1).expand(b)
+        mid = self._mid(i, r)
+        # The history keeps the last three points: all that 3M reads.
+        history = (history + [(y - _col(s0, y) * d, s0)])[-3:]
+        y_mid = dpmpp_update(y, history, mid, self._order(2 * i + 1, len(history)))
+        d_mid = d_fn(y_mid, mid, sig.t_of(mid))
+        history = (history + [(y_mid - _col(mid, y) * d_mid, mid)])[-3:]
+        y_next = dpmpp_update(y_mid, history, s1, self._order(2 * i + 2, len(history)), c)
+        return y_next, history
+
+
+KINDS: dict[str, type[_AMED]] = {
+    "amed": AMEDSolver,
+    "amed-plugin": AMEDPlugin,
+    "amed-plugin-dpmpp": AMEDPluginDPMpp,
+}
+"""Kind name (checkpoints, ``--sampler``, ``AMEDTrainConfig.kind``) -> sampler class."""
+
+
+def kind_of(sampler: _AMED) -> str:
+    """The :data:`KINDS` name of an AMED sampler."""
+    for k, v in KINDS.items():
+        if type(sampler) is v:
+            return k
+    raise AMEDError(f"not an AMED sampler: {type(sampler).__name__}")
 
 
 def amed_for_budget(nfe: int) -> tuple[int, bool]:
@@ -339,8 +475,8 @@ def _grid_from_json(d: dict[str, Any]) -> Grid:
 
 
 def save_amed(sampler: _AMED, model: DiffusionModel, path: str | Path, **info: Any) -> Path:
-    kind = next(k for k, v in KINDS.items() if type(sampler) is v)
-    extra = {"order": sampler.order} if isinstance(sampler, AMEDPlugin) else {}
+    kind = kind_of(sampler)
+    extra = sampler._extra()
     payload = {
         "format": FORMAT,
         "kind": kind,
@@ -379,7 +515,9 @@ def load_amed(path: str | Path, model: DiffusionModel) -> _AMED:
     predictor = AMEDPredictor(**saved["predictor_config"])
     predictor.load_state_dict(saved["predictor"])
     predictor.eval()
-    cls = KINDS[saved["kind"]]
+    cls = KINDS.get(saved.get("kind"))
+    if cls is None:
+        raise AMEDError(f"{path}: unknown AMED kind {saved.get('kind')!r}")
     return cls(
         model.schedule,
         saved["steps"],
@@ -497,8 +635,7 @@ def train_amed(
         band=cfg.band,
         num_train_timesteps=model.schedule.num_train_timesteps,
     )
-    extra = {} if cfg.kind == "amed" else {"order": 4}
-    sampler = KINDS[cfg.kind](model.schedule, steps, predictor, cfg.grid, afs, **extra)
+    sampler = KINDS[cfg.kind](model.schedule, steps, predictor, cfg.grid, afs)
     opt = torch.optim.Adam(predictor.parameters(), lr=cfg.lr)
     unet = model.unet
     flags = [p.requires_grad for p in unet.parameters()]
@@ -538,11 +675,10 @@ def train_amed(
                         opt.step()
                         total += float(loss.detach()) * len(idx)
                         count += len(idx)
-                        # The solver restarts from the teacher, the plugin keeps its own path
-                        # (its multistep history is its own).
+                        # The solver restarts from the teacher, the plugins keep their own
+                        # path (their multistep history is their own).
                         y = ref[idx, i + 1] if cfg.kind == "amed" else y_next.detach()
-                        if isinstance(state, list):
-                            state = [h.detach() for h in state]
+                        state = sampler._detached(state)
                 finally:
                     hook.close()
                 if bar is not None:
