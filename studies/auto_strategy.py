@@ -186,12 +186,15 @@ def choose(model: TarFlow, cost: CostModel | None, target_batch: int,
 
 
 def measure(model: TarFlow, name: str, eval_batch: int, calibration: int, margin: float,
-            cost_batch: int, out_dir: Path, newton: bool, newton_samples: int = 0) -> dict:
+            cost_batch: int, out_dir: Path, newton: bool, newton_samples: int = 0,
+            bandwidths: Sequence[int | None] = (None,)) -> dict:
     """Dependent steps and deviation on the evaluation batch for the simple strategies
     and the automatic strategy under both objectives.  ``newton_samples > 0`` also runs
     the latency strategy with its slowest block switched to damped Newton (same
     tolerance and start) on that many of the evaluation samples (Newton's Jacobian is
-    costly on a CPU), beside the unchanged strategy on the same samples."""
+    costly on a CPU), beside the unchanged strategy on the same samples; one row per
+    Jacobian ``bandwidths`` entry (``None``: dense; ``k``: the banded approximation of
+    :class:`fixedpoint.Newton`, ``k`` of the ``T - 1`` sub-diagonal blocks)."""
     from . import costmodel
     from .common import timed, write_json
     from .speedup import igm_inits
@@ -236,12 +239,17 @@ def measure(model: TarFlow, name: str, eval_batch: int, calibration: int, margin
         slow = max(range(K), key=lambda b: its[b])
         plan = base.plans[slow]
         tol = getattr(plan.method, "atol", None)
-        switched = Strategy(tuple(BlockPlan(fp.Newton(atol=tol), plan.init) if b == slow
-                                  else p for b, p in enumerate(base.plans)))
+        variants = [("auto (latency)", base)]
+        for k in bandwidths:
+            switched = fp.Newton(atol=tol, bandwidth=k)
+            label = f"auto (latency), block {slow} Newton" + (
+                "" if k is None else f" (bandwidth {k})")
+            variants.append((label, Strategy(tuple(
+                BlockPlan(switched, plan.init) if b == slow else p
+                for b, p in enumerate(base.plans)))))
         zs, ys = z[:newton_samples], y[:newton_samples] if y is not None else None
         ref = sample(model, zs, ys, sequential_strategy(K))
-        for label, strategy in (("auto (latency)", base),
-                                (f"auto (latency), block {slow} Newton", switched)):
+        for label, strategy in variants:
             with timed(f"{name}: {label} on {newton_samples} samples"):
                 s = sample(model, zs, ys, strategy)
             t = totals(s)
@@ -300,15 +308,20 @@ def tough_block_probe(model: TarFlow, draws: int = 3, tol: float = 1e-5) -> list
     return rows
 
 
-def uniform_probe(model: TarFlow, samples: int, tol: float = TOL) -> list[dict]:
-    """Sequential, Jacobi and damped Newton on every block (tolerance ``tol``) on the
-    first ``samples`` evaluation samples: dependent steps, token evaluations and the
-    deviation from the sequential samples."""
+def uniform_probe(model: TarFlow, samples: int, tol: float = TOL,
+                  bandwidths: Sequence[int | None] = (None,)) -> list[dict]:
+    """Sequential, Jacobi and damped Newton (one row per Jacobian bandwidth, ``None``
+    dense) on every block (tolerance ``tol``) on the first ``samples`` evaluation
+    samples: dependent steps, token evaluations and the deviation from the sequential
+    samples."""
     K = model.config.blocks
     z, y = noise(model, samples, seed=SEED)
     rows, ref = [], None
-    for label, method in (("sequential", fp.Sequential()), ("jacobi", fp.Jacobi(atol=tol)),
-                          ("newton", fp.Newton(atol=tol))):
+    methods: list[tuple[str, fp.Method]] = [("sequential", fp.Sequential()),
+                                            ("jacobi", fp.Jacobi(atol=tol))]
+    methods += [("newton" + ("" if k is None else f" (bandwidth {k})"),
+                 fp.Newton(atol=tol, bandwidth=k)) for k in bandwidths]
+    for label, method in methods:
         s = sample(model, z, y, Strategy.uniform(method, K))
         ref = ref if ref is not None else s
         rows.append({"strategy": label, "samples": samples, **totals(s),
@@ -333,6 +346,19 @@ def _igm_table(model: TarFlow, images: int = 64) -> list:
         return crm_igm_table(model, x, data.train_y[idx], guidance=GUIDANCE)
 
 
+def _bandwidth(text: str) -> int | None:
+    """``dense`` or a positive int (argparse type)."""
+    if text == "dense":
+        return None
+    try:
+        k = int(text)
+    except ValueError:
+        k = 0
+    if k < 1:
+        raise argparse.ArgumentTypeError(f"a bandwidth is 'dense' or a positive int, got {text!r}")
+    return k
+
+
 def main(argv: list[str] | None = None) -> None:
     from fixedpoint.tarflow.checkpoint import load_model
 
@@ -355,6 +381,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--uniform-newton", type=int, default=0, metavar="N",
                         help="only compare sequential, Jacobi and damped Newton on every "
                              "block, on N evaluation samples")
+    parser.add_argument("--newton-bandwidth", nargs="+", type=_bandwidth, default=[None],
+                        metavar="K", help="Jacobian bandwidths for the Newton rows: 'dense' "
+                        "or a positive int (the banded approximation; default: dense)")
     parser.add_argument("--out-dir", type=Path, default=CACHE / "auto_strategy")
     parser.add_argument("--name", default=None,
                         help="model name in the output file (default: the checkpoint's "
@@ -370,7 +399,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.uniform_newton:
             from .common import write_json
 
-            rows = uniform_probe(model, args.uniform_newton)
+            rows = uniform_probe(model, args.uniform_newton,
+                                 bandwidths=args.newton_bandwidth)
             write_json(args.out_dir / f"uniform_newton-{name}.json",
                        {"model": name, "tolerance": TOL, "guidance": GUIDANCE,
                         "threads": 1, "dtype": "float32", "rows": rows}, seed=SEED)
@@ -385,7 +415,8 @@ def main(argv: list[str] | None = None) -> None:
                        seed=CALIBRATION_SEED)
             continue
         measure(model, name, args.eval_batch, args.calibration, args.margin,
-                args.cost_batch, args.out_dir, args.newton, args.newton_samples)
+                args.cost_batch, args.out_dir, args.newton, args.newton_samples,
+                args.newton_bandwidth)
 
 
 if __name__ == "__main__":

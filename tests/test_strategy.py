@@ -307,3 +307,28 @@ def test_latency_objective_takes_the_fewest_steps_within_the_margin():
                     err = float((r.x - ref.blocks[k].x).abs().max())
                     if r.converged.all() and err <= limit:
                         assert ch.steps <= r.dependent_steps, (k, method, init)
+
+
+def test_uniform_probe_banded_newton_is_cheaper_and_reaches_sequential():
+    """Newton with a banded Jacobian (every block) reaches the sequential samples like
+    the dense one, with fewer directional derivatives."""
+    from studies import auto_strategy as auto
+
+    model = make_model(seed=1)
+    rows = auto.uniform_probe(model, 2, tol=1e-5, bandwidths=(None, 1))
+    by = {r["strategy"]: r for r in rows}
+    assert list(by) == ["sequential", "jacobi", "newton", "newton (bandwidth 1)"]
+    for label in ("newton", "newton (bandwidth 1)"):
+        assert set(by[label]["status"]) == {"SUCCESS"}
+        assert by[label]["deviation"]["max_abs"] < 1e-3
+    assert by["newton (bandwidth 1)"]["token_evals"] < by["newton"]["token_evals"]
+
+
+@pytest.mark.parametrize("bad", ["0", "-3", "wide"])
+def test_auto_strategy_refuses_a_bad_bandwidth(bad, capsys):
+    from studies import auto_strategy as auto
+
+    with pytest.raises(SystemExit) as exc:
+        auto.main(["--checkpoint", "x.pt", "--newton-bandwidth", bad])
+    assert exc.value.code == 2
+    assert "bandwidth" in capsys.readouterr().err
