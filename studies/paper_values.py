@@ -263,7 +263,9 @@ def run_record(run: dict[str, Any]) -> str:
 
 def superseded(mode: Mode) -> str:
     """A sentence on results kept in ``superseded/`` (older code; not shown), or ''."""
-    old = sorted((mode.out_dir / "superseded").glob("speedup-*.json"))
+    # Only models without a current speed-up table: a rerun model is shown, not superseded.
+    old = [p for p in sorted((mode.out_dir / "superseded").glob("speedup-*.json"))
+           if not (mode.out_dir / p.name).exists()]
     if not old:
         return ""
     models = [p.stem.removeprefix("speedup-") for p in old]

@@ -237,7 +237,9 @@ def main(argv: list[str] | None = None) -> None:
     summary = record.summary(expected)
     write_json(mode.out_dir / "run.json", {**summary, "models": list(mode.models),
                                            "only": args.only or None, "force": args.force})
-    write_paper.write(mode)
+    # The paper shows every model with results in the output directory, not only the
+    # models this invocation ran (a `--models digits` run must not drop the MNIST tables).
+    write_paper.write(dataclasses.replace(MODES[args.mode], out_dir=mode.out_dir))
     print(f"this invocation {record.invocation['wall_clock_s'] / 60:.1f} min; the run so far "
           f"{summary['wall_clock_s'] / 60:.1f} min over {summary['invocation_count']} "
           f"invocation(s){'' if summary['complete'] else ' (incomplete)'}; results in "
