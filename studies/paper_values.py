@@ -589,7 +589,10 @@ def latency_part(a: dict | None, target: float | None) -> str:
             "switch the slowest block of the latency strategy to damped Newton on the first "
             "samples of the same noise (its Jacobian's directional derivatives are counted "
             "in token evals; they are independent of each other, so they add no dependent "
-            f"step).{verdict}")
+            "step; with a bandwidth k only the k sub-diagonal blocks nearest the diagonal "
+            "are taken, k x d directions instead of (T - 1) x d: an approximate Jacobian, "
+            "so more iterations, never another fixed point)."
+            f"{verdict}")
     return _section("Latency objective and damped Newton (`python -m studies.auto_strategy`)",
                     text, table(head, rows))
 
