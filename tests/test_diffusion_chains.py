@@ -153,6 +153,51 @@ def test_heun_costs_two_dependent_evaluations_per_step(cond_model, x_init):
     assert out.network.calls == 2 * 6 - 1  # the last step ends at abar = 1: Euler only
 
 
+class CountingDenoiser:
+    """A denoiser that counts its own calls and rows: a count independent of the map's."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.sample_shape = inner.sample_shape
+        self.num_classes, self.null_label = inner.num_classes, inner.null_label
+        self.calls = self.rows = 0
+
+    def __call__(self, x, timesteps, labels):
+        self.calls += 1
+        self.rows += x.shape[0]
+        return self.inner(x, timesteps, labels)
+
+
+@pytest.mark.parametrize(
+    "method",
+    [fp.Jacobi(), fp.Newton(bandwidth=1, chunk=1), fp.Newton(bandwidth=1)],
+    ids=["jacobi", "newton-chunk1", "newton"],
+)
+def test_network_count_covers_the_whole_solve(method):
+    """Newton evaluates the full map for its Jacobian directions inside the solve; those
+    calls add to the solve's count (they once restarted it from zero)."""
+    schedule = NoiseSchedule.default()
+    mixture = GaussianMixture.random(2, components=4, seed=0)
+    den = CountingDenoiser(MixtureDenoiser(mixture, schedule.alphas_cumprod))
+    chain = DDIMChain.from_schedule(schedule, 12)
+    x = torch.randn(3, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    fmap = MarkovMap(chain, den, x)
+    fmap(fmap.initial_guess())  # a call before the solve is not the solve's
+    before = (den.calls, den.rows)
+    out = solve_chain(fmap, method)
+    assert out.result.success
+    assert (out.network.calls, out.network.rows) == (den.calls - before[0], den.rows - before[1])
+    if isinstance(method, fp.Jacobi):
+        # Jacobi on the Markov form: N iterations, iteration k reads positions k .. N-1.
+        assert out.network.calls == out.result.dependent_steps == 12
+        assert out.network.rows == out.result.token_evals == 3 * 12 * 13 // 2
+    else:
+        assert out.network.calls > out.result.dependent_steps  # the Jacobian's calls
+    if method == fp.Newton(bandwidth=1, chunk=1):
+        # One direction per vectorised call: the rows the map counts are the rows run.
+        assert out.network.rows == out.result.token_evals
+
+
 # ------------------------------------------------------------------ the mixture oracle
 
 

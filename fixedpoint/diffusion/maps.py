@@ -64,7 +64,8 @@ class Denoiser(Protocol):
 
 @dataclass
 class NetworkCount:
-    """Network calls of one map since its last :meth:`ChainMap.init_state`."""
+    """Network calls of one map since its last :meth:`ChainMap.init_state` (the start of
+    a solve); full calls (``fmap(x)``, e.g. Newton's Jacobian directions) add to it."""
 
     calls: int = 0  # batched calls of the noise predictor (each one waits on the last)
     rows: int = 0  # rows pushed through it (CFG doubles them)
@@ -167,16 +168,25 @@ class ChainMap(IncrementalMap):
         if tuple(x.shape) != want:
             raise ValueError(f"the chain's unknown has shape {want}, got {tuple(x.shape)}")
 
+    def init_state(self, x: Tensor) -> Any:
+        """A solve begins: a fresh state, and the network count starts from zero."""
+        self.count = NetworkCount()
+        return self._fresh_state(x)
+
+    def _fresh_state(self, x: Tensor) -> Any:
+        raise NotImplementedError
+
     def __call__(self, x: Tensor) -> Tensor:
+        # Not init_state: a full call inside a solve (fp.Newton evaluates one per
+        # Jacobian direction) must add to the solve's count, not restart it.
         self._check(x)
-        return self.advance(self.init_state(x), x, 0, self.steps)
+        return self.advance(self._fresh_state(x), x, 0, self.steps)
 
 
 class MarkovMap(ChainMap):
     """``F(x)_n = Phi_n(s_n)``: each step applied to the state before it."""
 
-    def init_state(self, x: Tensor) -> list[int]:
-        self.count = NetworkCount()
+    def _fresh_state(self, x: Tensor) -> list[int]:
         return [0]
 
     def advance(self, state: list[int], x: Tensor, lo: int, hi: int) -> Tensor:
@@ -205,8 +215,7 @@ class PicardMap(ChainMap):
         # A_0 = 1, A_{n+1} = a_n A_n, in float64 (for DDPM-1000 A_N is about 1/sqrt(abar_T)).
         self.scale = torch.cat([a.new_ones(1), torch.cumprod(a, 0)])
 
-    def init_state(self, x: Tensor) -> _PicardState:
-        self.count = NetworkCount()
+    def _fresh_state(self, x: Tensor) -> _PicardState:
         return _PicardState(0, self.x_init.to(x.dtype).clone())
 
     def advance(self, state: _PicardState, x: Tensor, lo: int, hi: int) -> Tensor:
