@@ -13,23 +13,21 @@ from hypothesis import strategies as st
 import fixedpoint as fp
 from fixedpoint import testing as fpt
 from fixedpoint.diffusion import (
+    ChainSegment,
+    CorrectorNoise,
     DDIMChain,
     EulerChain,
     GaussianMixture,
     HeunChain,
+    LangevinChain,
     MarkovMap,
     MixtureDenoiser,
     NoiseSchedule,
+    PhaseSpaceDenoiser,
     PicardMap,
+    predictor_corrector,
     sample_loop,
     solve_chain,
-)
-from fixedpoint.diffusion.corrector import (
-    ChainSegment,
-    CorrectorNoise,
-    LangevinChain,
-    PhaseSpaceDenoiser,
-    predictor_corrector,
 )
 
 SCHEDULE = NoiseSchedule.default()

@@ -15,9 +15,11 @@ are whole images, solved by the same core as every other application.
   time, reference trajectories, and BOSS's Bellman-optimal Euler step sizes.
 * :mod:`.fewstep`: few-step samplers (diffusers' schedulers, iPNDM) behind one interface;
   :mod:`.amed`: AMED-Solver and AMED-Plugin, their predictor and its distillation.
+* :mod:`.corrector`: Chen et al.'s parallel predictor-corrector (block Picard, then an
+  underdamped Langevin corrector solved as a chain of its own).
 """
 
-from .amed import AMEDError, AMEDPlugin, AMEDSolver, load_amed, train_amed
+from .amed import AMEDError, AMEDPlugin, AMEDPluginDPMpp, AMEDSolver, load_amed, train_amed
 from .boss import (
     BossError,
     BossGrid,
@@ -37,6 +39,15 @@ from .boss import (
     straighten,
 )
 from .chain import Chain, DDIMChain, DDPMChain, EulerChain, HeunChain
+from .corrector import (
+    ChainSegment,
+    CorrectedSample,
+    CorrectorNoise,
+    LangevinChain,
+    PhaseSpaceDenoiser,
+    SolveRecord,
+    predictor_corrector,
+)
 from .diagnostics import RecordingMap, error_by_step, network_call_seconds
 from .fewstep import (
     FewStepError,
@@ -63,6 +74,7 @@ from .schedule import NoiseSchedule, ScheduleError
 __all__ = [
     "AMEDError",
     "AMEDPlugin",
+    "AMEDPluginDPMpp",
     "AMEDSolver",
     "FewStepError",
     "FewStepSample",
@@ -92,6 +104,13 @@ __all__ = [
     "straighten",
     "Chain",
     "ChainMap",
+    "ChainSegment",
+    "CorrectedSample",
+    "CorrectorNoise",
+    "LangevinChain",
+    "PhaseSpaceDenoiser",
+    "SolveRecord",
+    "predictor_corrector",
     "DDIMChain",
     "DDPMChain",
     "DiffusionModel",
