@@ -161,6 +161,7 @@ def global_values(mode: Mode) -> dict[str, Any]:
     v["run_scope"] = (f"summed over its {n} invocation(s)" if n else
                       "in its last invocation (this record predates the run record)")
     v["superseded"] = superseded(mode)
+    v["latency_without_table"] = latency_without_table(mode, ps)
     v.update(costmodel_values(mode))
     conv = {p: load(mode, "convergence", p) for p in ps}
     v["tough_iterations"] = " / ".join(
@@ -560,6 +561,18 @@ def auto_part(s: dict) -> str:
             f"evaluation deviation {r['deviation']['max_abs']:.1e} (budget {s['budget']:g}). "
             "Plan: " + info["strategy"].replace("\n", "; "))
     return _section("Automatic strategy", "\n\n".join(lines)) if lines else ""
+
+
+def latency_without_table(mode: Mode, ps: list[str]) -> str:
+    """The latency measurement of models with no (current) speed-up table, each under
+    its own heading: for them it is the only result the paper shows."""
+    parts = []
+    for p in mode.models:
+        a = None if p in ps else load(mode, "auto_strategy", p)
+        if a is not None:
+            part = latency_part(a, TARGETS.get(p))
+            parts.append(part.replace("### ", f"### {p} (T = {a['seq_len']}): ", 1))
+    return "\n\n".join(parts) or "No such model."
 
 
 def latency_part(a: dict | None, target: float | None) -> str:
