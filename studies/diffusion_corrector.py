@@ -33,13 +33,19 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 import fixedpoint as fp
-from fixedpoint.diffusion import DDIMChain, GaussianMixture, MixtureDenoiser, NoiseSchedule
-from fixedpoint.diffusion.corrector import predictor_corrector
+from fixedpoint.diffusion import (
+    DDIMChain,
+    GaussianMixture,
+    MixtureDenoiser,
+    NoiseSchedule,
+    predictor_corrector,
+)
 
 from .common import save_figure, write_json
 from .diffusion_common import md_table, out_path, parse
@@ -193,33 +199,29 @@ def measure(dim: int, cfg: Config, seed: int = 0) -> dict[str, object]:
         run(
             f"sequential N={steps}", "sequential", steps, blocks=1, corrector_steps=0, predictor=seq
         )
+    corrected = " + corrector"
     run(
-        f"sequential N={cfg.steps} + corrector",
-        "sequential + corrector",
+        f"sequential N={cfg.steps}{corrected}",
+        f"sequential{corrected}",
         cfg.steps,
         blocks=cfg.blocks,
         corrector_steps=cfg.corrector_steps,
         predictor=seq,
         corrector=seq,
     )
-    for k in cfg.iterations:
-        run(
-            f"block Picard K={k}",
-            "block Picard",
-            cfg.steps,
-            blocks=cfg.blocks,
-            corrector_steps=0,
-            iterations=k,
-        )
-        run(
-            f"block Picard K={k} + corrector",
-            "block Picard + corrector",
-            cfg.steps,
-            blocks=cfg.blocks,
-            corrector_steps=cfg.corrector_steps,
-            iterations=k,
-            corrector_iterations=cfg.corrector_iterations,
-        )
+    with_corrector = dict(
+        corrector_steps=cfg.corrector_steps, corrector_iterations=cfg.corrector_iterations
+    )
+    for k in cfg.iterations:  # per K: without the corrector, then with it
+        for suffix, extra in (("", dict(corrector_steps=0)), (corrected, with_corrector)):
+            run(
+                f"block Picard K={k}{suffix}",
+                f"block Picard{suffix}",
+                cfg.steps,
+                blocks=cfg.blocks,
+                iterations=k,
+                **extra,
+            )
     mean = sum(floors) / len(floors)
     spread = (sum((f - mean) ** 2 for f in floors) / (len(floors) - 1)) ** 0.5
     return {"dim": dim, "floor": mean, "floor_std": spread, "runs": rows}
@@ -248,12 +250,19 @@ def run(argv: list[str] | None = None) -> dict[str, object]:
     return payload
 
 
+def _family(dim_row: dict, family: str) -> list[dict]:
+    """The runs of one sampler family at one dimension, in run order."""
+    return [r for r in dim_row["runs"] if r["family"] == family]
+
+
+def _value(dim_row: dict, label: str, key: str = "sw2") -> Any:
+    """``key`` of the run called ``label`` at one dimension."""
+    return next(r[key] for r in dim_row["runs"] if r["label"] == label)
+
+
 def _pairs(dim_row: dict) -> list[tuple[dict, dict]]:
     """(without, with) corrector, block Picard rows of one dimension, by K."""
-    runs = dim_row["runs"]
-    plain = [r for r in runs if r["family"] == "block Picard"]
-    corr = [r for r in runs if r["family"] == "block Picard + corrector"]
-    return list(zip(plain, corr))
+    return list(zip(_family(dim_row, "block Picard"), _family(dim_row, "block Picard + corrector")))
 
 
 def section_values(p: dict) -> dict:
@@ -264,8 +273,7 @@ def section_values(p: dict) -> dict:
     rows = []
     for label in labels:
         row: list[object] = [label, calls[label]]
-        for dim_row in p["by_dim"]:
-            row.append(next(r["sw2"] for r in dim_row["runs"] if r["label"] == label))
+        row += [_value(dim_row, label) for dim_row in p["by_dim"]]
         rows.append(row)
     rows.append(["exact samples (floor)", "-"] + [r["floor"] for r in p["by_dim"]])
     rows.append(["floor spread (std)", "-"] + [r["floor_std"] for r in p["by_dim"]])
@@ -275,7 +283,7 @@ def section_values(p: dict) -> dict:
     # it that is at least as accurate as each corrected run, per dimension.
     cheaper = 0
     for dim_row in p["by_dim"]:
-        plain = [r for r in dim_row["runs"] if r["family"] == "block Picard"]
+        plain = _family(dim_row, "block Picard")
         for _, b in _pairs(dim_row):
             rivals = [r for r in plain if r["network_calls"] <= b["network_calls"]]
             if rivals and b["sw2"] < min(r["sw2"] for r in rivals):
@@ -290,29 +298,22 @@ def section_values(p: dict) -> dict:
     }
     from_k = next((k for i, k in enumerate(ks) if all(helps[j] for j in ks[i:])), None)
     top = ks[-1]
-
-    def sw(d: dict, label: str) -> float:
-        return next(r["sw2"] for r in d["runs"] if r["label"] == label)
-
+    first = p["by_dim"][0]
     best = f"block Picard K={top} + corrector"
     seq = f"sequential N={cfg['steps']}"
     dims = len(p["by_dim"])
     return {
         "corr_help_from": f"from K = {from_k} on" if from_k is not None else "at no K tried",
         "corr_top_k": top,
-        "corr_top_calls": next(
-            r["network_calls"] for r in p["by_dim"][0]["runs"] if r["label"] == best
-        ),
-        "corr_top_beats_seq": sum(sw(d, best) < sw(d, seq) for d in p["by_dim"]),
+        "corr_top_calls": _value(first, best, "network_calls"),
+        "corr_top_beats_seq": sum(_value(d, best) < _value(d, seq) for d in p["by_dim"]),
         "corr_top_beats_seq_corr": sum(
-            sw(d, best) < sw(d, seq + " + corrector") for d in p["by_dim"]
+            _value(d, best) < _value(d, seq + " + corrector") for d in p["by_dim"]
         ),
         "corr_top_at_floor": sum(
-            sw(d, best) <= d["floor"] + 2 * d["floor_std"] for d in p["by_dim"]
+            _value(d, best) <= d["floor"] + 2 * d["floor_std"] for d in p["by_dim"]
         ),
-        "corr_seq_corr_calls": next(
-            r["network_calls"] for r in p["by_dim"][0]["runs"] if r["label"] == seq + " + corrector"
-        ),
+        "corr_seq_corr_calls": _value(first, seq + " + corrector", "network_calls"),
         "corr_ndims": dims,
         "corr_regime": p["regime"],
         "corr_dims": ", ".join(str(r["dim"]) for r in p["by_dim"]),
@@ -352,9 +353,7 @@ def plot(payload: dict, mode) -> None:
     }
     for ax, dim_row in zip(axes, rows):
         for family, style in styles.items():
-            pts = sorted(
-                (r["network_calls"], r["sw2"]) for r in dim_row["runs"] if r["family"] == family
-            )
+            pts = sorted((r["network_calls"], r["sw2"]) for r in _family(dim_row, family))
             if pts:
                 ax.plot(*zip(*pts), style, label=family, ms=4)
         ax.axhline(dim_row["floor"], color="grey", lw=0.8, ls="--", label="exact samples")

@@ -336,6 +336,15 @@ def test_guidance_and_labels_reach_the_corrector():
 
 
 # ------------------------------------------------------------- bad input
+def corrector_noise(correctors: int, part: str | None = None, bad: float = 0.0):
+    """Corrector noise for one sample in d = 4 with two steps per corrector, with one
+    entry of ``part`` set to ``bad``."""
+    cn = CorrectorNoise.draw(1, correctors, 2, (4,), generator=torch.Generator().manual_seed(0))
+    if part is not None:
+        getattr(cn, part).view(-1)[3] = bad
+    return cn
+
+
 @pytest.mark.parametrize(
     "kw,match",
     [
@@ -347,6 +356,13 @@ def test_guidance_and_labels_reach_the_corrector():
         (dict(iterations=0), "iterations must be >= 1"),
         (dict(blocks=0), "modules must be >= 1"),
         (dict(blocks=40), "exceeds the sequence length"),
+        *[
+            (dict(corrector_noise=corrector_noise(1, part, bad)), "corrector noise must be finite")
+            for part in ("velocity", "steps")
+            for bad in (float("nan"), float("inf"))
+        ],
+        # Two correctors' noise, but two blocks have one corrector.
+        (dict(corrector_noise=corrector_noise(2)), "velocity noise must have shape"),
     ],
 )
 def test_bad_arguments_are_one_line_errors(kw, match):
@@ -359,53 +375,25 @@ def test_bad_arguments_are_one_line_errors(kw, match):
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("part", ["velocity", "steps"])
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_corrector_noise_is_refused(part, bad):
-    _, den = oracle()
-    chain = DDIMChain.from_schedule(SCHEDULE, 10)
-    cn = CorrectorNoise.draw(1, 1, 2, (4,))
-    getattr(cn, part).view(-1)[3] = bad
-    with pytest.raises(ValueError, match="corrector noise must be finite") as info:
-        predictor_corrector(
-            chain,
-            den,
-            torch.zeros(1, 4, dtype=torch.float64),
-            blocks=2,
-            corrector_steps=2,
-            corrector_noise=cn,
-        )
+@pytest.mark.parametrize(
+    "build,match",
+    [
+        (lambda: LangevinChain(0, 1.0, 3, step_size=0.1), "0 < abar < 1"),
+        (lambda: LangevinChain(10, 0.5, 0, step_size=0.1), "corrector steps must be >= 1"),
+        (lambda: LangevinChain(10, 0.5, 3, step_size=-1.0), "step_size must be finite and > 0"),
+        (
+            lambda: LangevinChain(10, 0.5, 3, step_size=0.1).step(
+                torch.zeros(1, 4), torch.zeros(1, dtype=torch.long), lambda *a: torch.zeros(1, 2)
+            ),
+            "needs its noise drawn in advance",
+        ),
+        (lambda: ChainSegment(DDIMChain.from_schedule(SCHEDULE, 5), 3, 7), "not inside the chain"),
+    ],
+)
+def test_bad_langevin_chains_are_refused(build, match):
+    with pytest.raises(ValueError, match=match) as info:
+        build()
     assert "\n" not in str(info.value)
-
-
-def test_corrector_noise_of_the_wrong_shape_is_refused():
-    _, den = oracle()
-    chain = DDIMChain.from_schedule(SCHEDULE, 10)
-    cn = CorrectorNoise.draw(1, 2, 2, (4,))  # two correctors, but two blocks have one
-    with pytest.raises(ValueError, match="velocity noise must have shape"):
-        predictor_corrector(
-            chain,
-            den,
-            torch.zeros(1, 4, dtype=torch.float64),
-            blocks=2,
-            corrector_steps=2,
-            corrector_noise=cn,
-        )
-
-
-def test_bad_langevin_chains_are_refused():
-    with pytest.raises(ValueError, match="0 < abar < 1"):
-        LangevinChain(0, 1.0, 3, step_size=0.1)
-    with pytest.raises(ValueError, match="corrector steps must be >= 1"):
-        LangevinChain(10, 0.5, 0, step_size=0.1)
-    with pytest.raises(ValueError, match="step_size must be finite and > 0"):
-        LangevinChain(10, 0.5, 3, step_size=-1.0)
-    with pytest.raises(ValueError, match="needs its noise drawn in advance"):
-        LangevinChain(10, 0.5, 3, step_size=0.1).step(
-            torch.zeros(1, 4), torch.zeros(1, dtype=torch.long), lambda *a: torch.zeros(1, 2)
-        )
-    with pytest.raises(ValueError, match="not inside the chain"):
-        ChainSegment(DDIMChain.from_schedule(SCHEDULE, 5), 3, 7)
 
 
 # ------------------------------------------------------------- the study
