@@ -125,7 +125,9 @@ class _FixedR(torch.nn.Module):
         self.r_by_t = r_by_t
 
     def forward(self, feats, t_cur, t_next):
-        r = torch.tensor(self.r_by_t[int(t_cur)], dtype=torch.float32)
+        # float64, so that s_mid lands on the training level to float64 precision (a
+        # float32 r puts the UNet at t = 498.99999 instead of 499).
+        r = torch.tensor(self.r_by_t[int(t_cur)], dtype=torch.float64)
         return r.expand(len(feats)), torch.ones(len(feats))
 
 
@@ -147,7 +149,15 @@ def test_a_plugin_with_integer_midpoints_is_the_projects_dpmpp_2m(model, noise):
     base = fs.make_sampler("dpmpp-2m", model, 6, fs.CustomGrid(values))
     den = model.denoiser()
     a, b = plugin.sample(den, x, labels), base.sample(den, x, labels)
-    torch.testing.assert_close(a.sample, b.sample, rtol=1e-5, atol=1e-5)
+    # Not bit-equal arithmetic: diffusers keeps its schedule in float32 while the plugin's
+    # sigmas are float64; even with the UNet and the samples in float64 the two differ by
+    # 1e-7 relative, and this random tiny UNet amplifies that (float32: 3.5e-5 at one
+    # element of 192 on one machine, under 1e-5 on another).  So: close at 1e-4, and
+    # far closer to DPM-Solver++(2M) than to another solver on the same grid.
+    torch.testing.assert_close(a.sample, b.sample, rtol=1e-4, atol=1e-4)
+    other = fs.make_sampler("unipc", model, 6, fs.CustomGrid(values)).sample(den, x, labels)
+    gap = float((a.sample - b.sample).abs().max())
+    assert gap < 1e-2 * float((other.sample - b.sample).abs().max())
     assert a.network.calls == b.network.calls == 6
 
 
