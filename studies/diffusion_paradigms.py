@@ -23,13 +23,14 @@ from fixedpoint.diffusion import (
     DDIMChain,
     DDPMChain,
     PicardMap,
+    Split,
     paradigms_tolerance,
     sample_loop,
     solve_chain,
 )
 from fixedpoint.diffusion.diagnostics import network_call_seconds
 
-from .common import write_json
+from .common import read_json, write_json
 from .diffusion_common import (
     GUIDANCE,
     final_error,
@@ -83,38 +84,59 @@ def draw(model, chain, batch: int, seed: int):
 
 
 def candidates(chain, window: int, limit: int) -> dict:
-    """name -> method factory taking atol (None: the method has its own rule)."""
+    """name -> (tolerances, method factory taking atol, split of the Picard form).
+
+    Tolerances ``None``: the method has its own rule.  Every method runs on the noise
+    split (ParaDiGMS's form, the default); the sliding window and the ParaTAA variants
+    also on the clean split (``fd.Split``), to measure what the split is worth here.
+    """
     n = len(chain)
     tau = paradigms_tolerance(chain, 0.1)
+    noise, clean = Split.NOISE, Split.CLEAN
+    taa_window = min(n, 2 * window)
+
+    def window_taa(a):
+        # ParaTAA on a sliding window twice ParaDiGMS's (measured on the digits DDPM-1000
+        # chain: W = 160, m = 3 needs about 30% fewer dependent calls than W = 80, m = 2).
+        return fp.TriangularAnderson(
+            memory=3, ridge=1e-3, atol=a, rtol=0.0, window_width=taa_window
+        )
+
+    def full_taa(a):
+        return fp.TriangularAnderson(memory=2, ridge=1e-3, atol=a, rtol=0.0)
+
+    def sliding(a):
+        return fp.SlidingWindow(window, atol=a, rtol=0.0)
+
     out = {
         f"ParaDiGMS rule (W={window}, tau=0.1)": (
             None,
             lambda a: fp.SlidingWindow(window, atol=tau, rtol=0.0, rms=True),
+            noise,
         ),
-        f"sliding window W={window}": (
-            TOLERANCES,
-            lambda a: fp.SlidingWindow(window, atol=a, rtol=0.0),
-        ),
+        f"sliding window W={window}": (TOLERANCES, sliding, noise),
         f"block Picard ({max(2, n // window)} blocks)": (
             TOLERANCES,
             lambda a: fp.GSJacobi(modules=max(2, n // window), atol=a, rtol=0.0),
+            noise,
+        ),
+        f"ParaTAA on a window W={taa_window} (m=3)": (TOLERANCES, window_taa, noise),
+        f"ParaTAA on a window W={taa_window} (m=3), clean split": (
+            TOLERANCES,
+            window_taa,
+            clean,
         ),
     }
-    # ParaTAA on a sliding window twice ParaDiGMS's (measured on the digits DDPM-1000
-    # chain: W = 160, m = 3 needs about 30% fewer dependent calls than W = 80, m = 2).
-    taa_window = min(n, 2 * window)
-    out[f"ParaTAA on a window W={taa_window} (m=3)"] = (
-        TOLERANCES,
-        lambda a: fp.TriangularAnderson(
-            memory=3, ridge=1e-3, atol=a, rtol=0.0, window_width=taa_window
-        ),
-    )
     if n <= limit:
-        out["Picard (full window)"] = (TOLERANCES, lambda a: fp.Jacobi(atol=a, rtol=0.0))
-        out["triangular Anderson (ParaTAA, m=2)"] = (
+        out[f"sliding window W={window}, clean split"] = (TOLERANCES, sliding, clean)
+        out["Picard (full window)"] = (TOLERANCES, lambda a: fp.Jacobi(atol=a, rtol=0.0), noise)
+        out["Picard (full window), clean split"] = (
             TOLERANCES,
-            lambda a: fp.TriangularAnderson(memory=2, ridge=1e-3, atol=a, rtol=0.0),
+            lambda a: fp.Jacobi(atol=a, rtol=0.0),
+            clean,
         )
+        out["triangular Anderson (ParaTAA, m=2)"] = (TOLERANCES, full_taa, noise)
+        out["triangular Anderson (ParaTAA, m=2), clean split"] = (TOLERANCES, full_taa, clean)
     return out
 
 
@@ -138,7 +160,12 @@ def sequential(model, chain, batch, seed, cfg):
     x, noise, labels = draw(model, chain, batch, seed)
     start = time.perf_counter()
     traj = sample_loop(
-        chain, model.denoiser(), x, noise, labels=labels, guidance=guidance(model, cfg),
+        chain,
+        model.denoiser(),
+        x,
+        noise,
+        labels=labels,
+        guidance=guidance(model, cfg),
         trajectory=True,
     )
     return traj, time.perf_counter() - start
@@ -161,8 +188,10 @@ def study_sampler(model, chain, window, cfg) -> dict:
             "seconds_big": seq_big,
         }
     ]
-    for name, (tols, make) in candidates(chain, window, cfg["full_window_limit"]).items():
+    split_chains = {s: type(chain).from_schedule(model.schedule, len(chain), s) for s in Split}
+    for name, (tols, make, split) in candidates(chain, window, cfg["full_window_limit"]).items():
         print(f"[paradigms] {chain.name}-{len(chain)}: {name}", flush=True)
+        chain = split_chains[split]
         chosen = None
         for atol in tols or (None,):
             out, _ = solve_once(model, chain, make(atol), 1, 0, cfg)
@@ -184,6 +213,7 @@ def study_sampler(model, chain, window, cfg) -> dict:
         rows.append(
             {
                 "method": name,
+                "split": split.value,
                 "atol": chosen,
                 "iterations": sum(its) / len(its),
                 "dependent_evals": sum(calls) / len(calls),
@@ -312,6 +342,22 @@ def section_values(p: dict) -> dict:
     return values
 
 
+def keep_other_samplers(path, model, samplers: list[dict]) -> list[dict]:
+    """``samplers`` plus the entries of samplers not rerun from an earlier result file of
+    the same model (``--samplers ddim`` and ``--samplers ddpm`` can run one after the
+    other, or side by side on two cores, into one table), DDIM first."""
+    if not path.exists():
+        return samplers
+    old = read_json(path)
+    params = sum(p.numel() for p in model.unet.parameters())
+    if old.get("test_loss") != model.meta.get("test_loss") or old.get("parameters") != params:
+        return samplers  # another model: its rows do not belong in this table
+    done = {e["sampler"] for e in samplers}
+    merged = samplers + [e for e in old.get("samplers", []) if e["sampler"] not in done]
+    order = {"ddim": 0, "ddpm": 1}
+    return sorted(merged, key=lambda e: order.get(e["sampler"], 2))
+
+
 def run(argv: list[str] | None = None, models: tuple[str, ...] | None = None) -> dict:
     args = parse_args(__doc__, argv, samplers=("ddim", "ddpm"))
     mode = args.mode
@@ -319,7 +365,8 @@ def run(argv: list[str] | None = None, models: tuple[str, ...] | None = None) ->
     for name in models or args.models or model_names(mode):
         cfg = settings(mode, name)
         cfg["samplers"] = tuple(
-            s for s in cfg["samplers"]
+            s
+            for s in cfg["samplers"]
             if s[0].__name__.removesuffix("Chain").lower() in args.samplers
         )
         model = trained_model(name, mode)
@@ -337,11 +384,14 @@ def run(argv: list[str] | None = None, models: tuple[str, ...] | None = None) ->
                 "sequential (other seeds)": fcd(model, chain, None, cfg, meter, 5000),
             }
             if best is not None:
-                make = candidates(chain, window, cfg["full_window_limit"])[best["method"]][1]
-                q[best["method"]] = fcd(model, chain, make(best["atol"]), cfg, meter, 1000)
+                _, make, split = candidates(chain, window, cfg["full_window_limit"])[best["method"]]
+                solved = chain_type.from_schedule(model.schedule, steps, split)
+                q[best["method"]] = fcd(model, solved, make(best["atol"]), cfg, meter, 1000)
             entry["fcd"] = {k: {"fcd": v[0], "accuracy": v[1]} for k, v in q.items()}
             entry["best"] = None if best is None else best["method"]
             samplers.append(entry)
+        path = out_path(mode, f"diffusion_paradigms-{name}.json")
+        samplers = keep_other_samplers(path, model, samplers)
         payload = {
             "model": name,
             "budget": BUDGET,
@@ -362,7 +412,7 @@ def run(argv: list[str] | None = None, models: tuple[str, ...] | None = None) ->
             },
         }
         payload["section_values"] = section_values(payload)
-        write_json(out_path(mode, f"diffusion_paradigms-{name}.json"), payload, seed=0)
+        write_json(path, payload, seed=0)
         results[name] = payload
     return results
 

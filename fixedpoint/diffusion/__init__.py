@@ -38,7 +38,7 @@ from .boss import (
     reference_trajectories,
     straighten,
 )
-from .chain import Chain, DDIMChain, DDPMChain, EulerChain, HeunChain
+from .chain import Chain, DDIMChain, DDPMChain, EulerChain, HeunChain, Split
 from .corrector import (
     ChainSegment,
     CorrectedSample,
@@ -124,6 +124,7 @@ __all__ = [
     "PicardMap",
     "RecordingMap",
     "ScheduleError",
+    "Split",
     "UNetConfig",
     "UNetDenoiser",
     "block_picard",

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from enum import Enum
 from typing import ClassVar
 
 import torch
@@ -36,7 +37,34 @@ from torch import Tensor
 
 from .schedule import NoiseSchedule
 
-__all__ = ["Chain", "DDIMChain", "DDPMChain", "EpsFn", "EulerChain", "HeunChain"]
+__all__ = ["Chain", "DDIMChain", "DDPMChain", "EpsFn", "EulerChain", "HeunChain", "Split"]
+
+
+class Split(Enum):
+    """Which linear part ``a_n`` a DDIM or DDPM step is split into (``Phi_n = a_n x + b_n``).
+
+    The step is the same either way; only the Picard form's iteration changes.
+
+    * ``NOISE`` (the default): the rest is a multiple of the noise prediction, ``a_n =
+      sqrt(abar_{n+1} / abar_n) > 1``: ParaDiGMS's sum of Euler increments in ``sigma``.
+      The products ``A_n / A_m`` amplify early errors by up to ``1/sqrt(abar_T)``, and
+      the increments' derivative grows like ``1/sigma`` off the data.
+    * ``CLEAN``: the rest is a multiple of the predicted clean sample (DPM-Solver++'s
+      coordinates), ``a_n = sqrt((1 - abar_{n+1}) / (1 - abar_n)) < 1`` for DDIM and the
+      posterior mean's coefficient of ``x_t`` for DDPM, so ``A_n / A_m <= 1`` damps early
+      errors; the clean prediction's derivative is bounded (near a projection) when the
+      network predicts ``eps ~ x`` at high noise, as the exact score does, and up to
+      ``1/sqrt(abar)`` when it does not.  Measured on DDIM-100, Picard to ``atol =
+      1e-4``: 6-12 iterations against 23 on exact-score mixtures (``d = 784``); on the
+      digits UNet (guidance 2) 15 against 24 at ``1e-3``; on a 300-step (undertrained)
+      digits UNet, DDIM-20, it is the noise split that needs fewer.  The last step lands
+      on ``abar = 1``, where this ``a_n`` is 0 (the Picard form divides by ``A_n``); that
+      step keeps the noise split's ``a_n``.
+    """
+
+    NOISE = "noise"
+    CLEAN = "clean"
+
 
 EpsFn = Callable[..., Tensor]
 """``eps(x (R', d), timesteps (R',), rows=None) -> (R', d)``: the (guided) noise prediction.
@@ -99,9 +127,21 @@ class Chain(ABC):
 class _PredictsClean(Chain):
     """Steps that go through the predicted clean sample, optionally clamped."""
 
-    def __init__(self, timesteps: Tensor, abar: Tensor, abar_next: Tensor, clip: float | None):
+    def __init__(
+        self,
+        timesteps: Tensor,
+        abar: Tensor,
+        abar_next: Tensor,
+        clip: float | None,
+        split: Split = Split.NOISE,
+    ):
         super().__init__(timesteps, abar, abar_next)
         self.clip = clip
+        try:
+            self.split = Split(split)
+        except ValueError:
+            names = ", ".join(f"Split.{s.name}" for s in Split)
+            raise ValueError(f"split must be one of {names}, got {split!r}") from None
         self.sqrt_abar = self.abar32**0.5
         self.sqrt_one_minus = (1 - self.abar32) ** 0.5
 
@@ -109,15 +149,31 @@ class _PredictsClean(Chain):
         x0 = (x - _take(self.sqrt_one_minus, n, x) * e) / _take(self.sqrt_abar, n, x)
         return x0 if self.clip is None else x0.clamp(-self.clip, self.clip)
 
+    @property
+    def linear(self) -> Tensor:
+        noise = self._noise_linear()
+        if self.split is Split.NOISE:
+            return noise
+        clean = self._clean_linear()
+        return torch.where(clean > 0, clean, noise)
+
+    @abstractmethod
+    def _noise_linear(self) -> Tensor: ...
+
+    @abstractmethod
+    def _clean_linear(self) -> Tensor: ...
+
 
 class DDIMChain(_PredictsClean):
     """Deterministic DDIM (``eta = 0``), step for step as ``DDIMScheduler.step``."""
 
     @classmethod
-    def from_schedule(cls, schedule: NoiseSchedule, steps: int) -> DDIMChain:
+    def from_schedule(
+        cls, schedule: NoiseSchedule, steps: int, split: Split = Split.NOISE
+    ) -> DDIMChain:
         timesteps, abar_next = schedule.ddim_grid(steps)
         abar = schedule.alphas_cumprod[timesteps]
-        return cls(timesteps, abar, abar_next, schedule.clip_range)
+        return cls(timesteps, abar, abar_next, schedule.clip_range, split)
 
     def step(self, x: Tensor, n: Tensor, eps: EpsFn, z: Tensor | None = None) -> Tensor:
         e = eps(x, self.timesteps.to(x.device)[n])
@@ -125,9 +181,11 @@ class DDIMChain(_PredictsClean):
         a_next = self.abar_next32
         return _take(a_next**0.5, n, x) * x0 + _take((1 - a_next) ** 0.5, n, x) * e
 
-    @property
-    def linear(self) -> Tensor:
+    def _noise_linear(self) -> Tensor:
         return (self.abar_next / self.abar).sqrt()
+
+    def _clean_linear(self) -> Tensor:
+        return ((1 - self.abar_next) / (1 - self.abar)).sqrt()
 
 
 class DDPMChain(_PredictsClean):
@@ -146,8 +204,9 @@ class DDPMChain(_PredictsClean):
         abar_next: Tensor,
         clip: float | None,
         fixed_large: bool = False,
+        split: Split = Split.NOISE,
     ):
-        super().__init__(timesteps, abar, abar_next, clip)
+        super().__init__(timesteps, abar, abar_next, clip, split)
         a, a_next = self.abar32, self.abar_next32
         alpha = a / a_next
         beta = 1 - alpha
@@ -157,12 +216,16 @@ class DDPMChain(_PredictsClean):
         self.std = torch.where(self.timesteps > 0, var**0.5, torch.zeros_like(var))
 
     @classmethod
-    def from_schedule(cls, schedule: NoiseSchedule, steps: int) -> DDPMChain:
+    def from_schedule(
+        cls, schedule: NoiseSchedule, steps: int, split: Split = Split.NOISE
+    ) -> DDPMChain:
         timesteps, prev = schedule.ddpm_grid(steps)
         abar_all = schedule.alphas_cumprod
         abar_next = torch.where(prev >= 0, abar_all[prev.clamp(min=0)], torch.ones(()))
         fixed_large = schedule.config.get("variance_type", "fixed_small") == "fixed_large"
-        return cls(timesteps, abar_all[timesteps], abar_next, schedule.clip_range, fixed_large)
+        return cls(
+            timesteps, abar_all[timesteps], abar_next, schedule.clip_range, fixed_large, split
+        )
 
     def step(self, x: Tensor, n: Tensor, eps: EpsFn, z: Tensor | None = None) -> Tensor:
         if z is None:
@@ -172,9 +235,11 @@ class DDPMChain(_PredictsClean):
         mean = _take(self.coef_clean, n, x) * x0 + _take(self.coef_sample, n, x) * x
         return mean + _take(self.std, n, x) * z
 
-    @property
-    def linear(self) -> Tensor:
+    def _noise_linear(self) -> Tensor:
         return self.coef_clean.double() / self.sqrt_abar.double() + self.coef_sample.double()
+
+    def _clean_linear(self) -> Tensor:
+        return self.coef_sample.double()
 
 
 class _ProbabilityFlow(Chain):
