@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fixedpoint.cli import main
-from fixedpoint.diffusion import tiny_model
+from fixedpoint.diffusion import DDIMChain, load_model, sample_loop, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +51,24 @@ def test_sample_writes_a_grid_and_reports_costs(model_dirs, tmp_path, capsys):
     assert code == 0 and out.exists()
     text = capsys.readouterr().out
     assert "dependent network calls" in text and "max deviation" in text
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_sample_on_the_clean_split_reaches_the_sequential_sampler(
+    model_dirs, tmp_path, capsys, sampler
+):
+    args = ["diffusion", "sample", "--model", str(model_dirs / "uncond"), "--sampler", sampler]
+    args += ["--steps", "6", "--num-samples", "2", "--method", "jacobi", "--split", "clean"]
+    args += ["--atol", "0", "--compare", "--out", str(tmp_path / "g.png"), "--threads", "1"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    deviation = float(text.split("max deviation")[1].split()[0])
+    # The random tiny UNet's samples are of order 100: float32 rounding of the two
+    # summation orders is relative to that scale.
+    model = load_model(model_dirs / "uncond")
+    chain = DDIMChain.from_schedule(model.schedule, 6)
+    scale = float(sample_loop(chain, model.denoiser(), torch.randn(2, 1, 8, 8)).abs().max())
+    assert deviation <= 1e-6 * max(1.0, scale), (text, scale)
 
 
 @pytest.mark.slow
@@ -112,6 +130,8 @@ def test_generate_is_resumable_and_independent_of_sharding(model_dirs, tmp_path,
         (["--steps", "5000"], "exceeds"),
         (["--guidance", "2"], "unconditional"),
         (["--atol", "nan"], "--atol"),
+        (["--sampler", "euler", "--split", "clean"], "applies to ddim and ddpm"),
+        (["--split", "x"], "--split"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(model_dirs, tmp_path, capsys, extra, words):
@@ -149,9 +169,28 @@ def test_window_anderson_solves_on_the_window(model_dirs, tmp_path, capsys):
     # random UNet amplifies rounding differences of every method alike): each call
     # evaluates at most the window, plus the one step before it the Picard form re-reads.
     code = main(
-        ["diffusion", "sample", "--model", str(model_dirs / "cond"), "--sampler", "ddpm",
-         "--steps", "12", "--num-samples", "2", "--method", "window-anderson", "--window",
-         "5", "--atol", "0", "--out", str(tmp_path / "g.png"), "--threads", "1"]
+        [
+            "diffusion",
+            "sample",
+            "--model",
+            str(model_dirs / "cond"),
+            "--sampler",
+            "ddpm",
+            "--steps",
+            "12",
+            "--num-samples",
+            "2",
+            "--method",
+            "window-anderson",
+            "--window",
+            "5",
+            "--atol",
+            "0",
+            "--out",
+            str(tmp_path / "g.png"),
+            "--threads",
+            "1",
+        ]
     )
     assert code == 0
     line = next(s for s in capsys.readouterr().out.splitlines() if "by window-anderson" in s)

@@ -53,7 +53,12 @@ SAMPLERS = ("ddim", "ddpm", "euler", "heun")
 # The solvers of a chain; fixedpoint.diffusion.generate.METHODS builds them (kept literal
 # here so that --help does not import torch; tests/test_diffusion_cli.py checks they agree).
 METHODS = (
-    "sequential", "jacobi", "window", "paradigms", "gs-jacobi", "triangular-anderson",
+    "sequential",
+    "jacobi",
+    "window",
+    "paradigms",
+    "gs-jacobi",
+    "triangular-anderson",
     "window-anderson",
 )
 # Few-step samplers: CLI name -> fixedpoint.diffusion.fewstep name ("heun-k": diffusers'
@@ -137,6 +142,13 @@ def register(subparsers: Any) -> None:
         p.add_argument("--steps", type=checked_int(1, 10_000), default=100)
         p.add_argument("--method", choices=METHODS, default="window")
         p.add_argument("--form", choices=("picard", "markov"), default="picard")
+        p.add_argument(
+            "--split",
+            choices=("noise", "clean"),
+            default="noise",
+            help="linear part the Picard form integrates out (ddim, ddpm): noise "
+            "(ParaDiGMS's) or clean (the clean-prediction form, see fd.Split)",
+        )
         p.add_argument("--window", type=checked_int(1), default=16)
         p.add_argument("--blocks", type=checked_int(1), default=4)
         p.add_argument(
@@ -234,6 +246,7 @@ def _spec(args: argparse.Namespace) -> Any:
             tau=args.tau,
             blocks=args.blocks,
             guidance=args.guidance,
+            split=args.split,
         )
 
 

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ..atomic import atomic_torch_save, atomic_write_bytes
 from ..distributed import Context
+from .chain import Split
 from .maps import MarkovMap, PicardMap
 from .model import DiffusionModel
 from .sampling import paradigms_tolerance, sample_loop, solve_chain
@@ -33,7 +34,12 @@ __all__ = ["GenerateError", "SamplerSpec", "generate"]
 SAMPLERS = ("ddim", "ddpm", "euler", "heun")
 FORMS = ("picard", "markov")
 METHODS = (
-    "sequential", "jacobi", "window", "paradigms", "gs-jacobi", "triangular-anderson",
+    "sequential",
+    "jacobi",
+    "window",
+    "paradigms",
+    "gs-jacobi",
+    "triangular-anderson",
     "window-anderson",
 )
 
@@ -56,6 +62,7 @@ class SamplerSpec:
     tau: float = 0.1
     blocks: int = 4
     guidance: float | None = None
+    split: str = "noise"  # fd.Split of the Picard form (DDIM, DDPM): "noise" or "clean"
 
     def __post_init__(self) -> None:
         for name, value, allowed in (
@@ -71,12 +78,22 @@ class SamplerSpec:
             raise GenerateError(f"window must be >= 1, got {self.window}")
         if self.blocks <= 0:
             raise GenerateError(f"blocks must be >= 1, got {self.blocks}")
+        splits = tuple(s.value for s in Split)
+        if self.split not in splits:
+            raise GenerateError(f"split {self.split!r} is not one of {', '.join(splits)}")
+        if self.split != Split.NOISE.value and self.sampler not in ("ddim", "ddpm"):
+            raise GenerateError(
+                f"split {self.split!r} applies to ddim and ddpm, not {self.sampler}"
+            )
 
     def chain(self, model: DiffusionModel):
         from .chain import DDIMChain, DDPMChain, EulerChain, HeunChain
 
-        kind = {"ddim": DDIMChain, "ddpm": DDPMChain, "euler": EulerChain, "heun": HeunChain}
-        return kind[self.sampler].from_schedule(model.schedule, self.steps)
+        if self.sampler in ("euler", "heun"):
+            kind = {"euler": EulerChain, "heun": HeunChain}[self.sampler]
+            return kind.from_schedule(model.schedule, self.steps)
+        kind = {"ddim": DDIMChain, "ddpm": DDPMChain}[self.sampler]
+        return kind.from_schedule(model.schedule, self.steps, Split(self.split))
 
     def solver(self, chain) -> Any:
         import fixedpoint as fp
