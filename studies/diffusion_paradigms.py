@@ -324,22 +324,49 @@ def section_values(p: dict) -> dict:
         f"par_{m}_anchors": "; ".join(f"{k}: {v}" for k, v in p["anchors"].items()),
     }
     targets = {"ddim": TARGET_DDIM, "ddpm": TARGET_DDPM}
-    verdicts = []
-    for entry in p["samplers"]:
-        r = best[entry["sampler"]]
-        goal = targets[entry["sampler"]]
+    steps = {"ddim": 100, "ddpm": 1000}
+    verdicts, sentences = [], []
+    for sampler, goal in targets.items():
+        entry = next((e for e in p["samplers"] if e["sampler"] == sampler), None)
+        if entry is None:
+            verdicts.append(f"{sampler.upper()}-{steps[sampler]}: not measured on this model")
+            sentences.append(f"{sampler.upper()}: not measured on this model")
+            continue
+        r = best[sampler]
         got = 0.0 if r is None else r["speedup_dependent"]
         verdicts.append(
-            f"{entry['sampler'].upper()}-{entry['steps']}: {got:.1f}x fewer dependent "
+            f"{sampler.upper()}-{entry['steps']}: {got:.1f}x fewer dependent "
             f"evaluations within the budget, against the issue's target of {goal:g}x "
             f"({'met' if got >= goal else 'not met'})"
         )
+        sentences.append(
+            f"{sampler.upper()}: none within the budget"
+            if r is None
+            else f"{sampler.upper()} {r['method']} with {got:.1f}x fewer dependent "
+            f"evaluations ({r['dependent_evals']:.1f})"
+        )
     values[f"par_{m}_targets"] = "; ".join(verdicts)
-    for sampler, r in best.items():
-        values[f"par_{m}_{sampler}_best"] = "none" if r is None else r["method"]
-        values[f"par_{m}_{sampler}_factor"] = 0.0 if r is None else r["speedup_dependent"]
-        values[f"par_{m}_{sampler}_evals"] = 0.0 if r is None else r["dependent_evals"]
+    values[f"par_{m}_best"] = "; ".join(sentences)
+    values[f"par_{m}_split"] = split_sentence(p)
     return values
+
+
+def split_sentence(p: dict) -> str:
+    """What the clean split changed, method by method, from the rows of both splits."""
+    parts = []
+    for entry in p["samplers"]:
+        rows = {r["method"]: r for r in entry["rows"]}
+        for name, r in rows.items():
+            base = rows.get(name.removesuffix(", clean split"))
+            if not name.endswith(", clean split") or base is None:
+                continue
+            parts.append(
+                f"{entry['sampler'].upper()}-{entry['steps']} {base['method']}: "
+                f"{base['dependent_evals']:.1f} dependent evaluations on the noise split "
+                f"(max deviation {base['deviation']:.1e}), {r['dependent_evals']:.1f} on the "
+                f"clean split ({r['deviation']:.1e})"
+            )
+    return "; ".join(parts) if parts else "not measured"
 
 
 def keep_other_samplers(path, model, samplers: list[dict]) -> list[dict]:

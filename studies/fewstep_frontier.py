@@ -417,19 +417,24 @@ def parallel_points(pts: Points, cfg: dict) -> None:
         seconds_b1=pts.wall(lambda: fd.sample_loop(chain, den, pts.x[:1], labels=lab1, guidance=g)),
         **pts.quality(images, 1.0, pts.labels),
     )
-    methods = {
-        f"DDIM-{steps}, sliding window W={cfg['window']}": lambda a: fp.SlidingWindow(
-            cfg["window"], atol=a, rtol=0.0
+    clean = fd.DDIMChain.from_schedule(sched, steps, fd.Split.CLEAN)
+
+    def taa(a):
+        return fp.TriangularAnderson(memory=2, ridge=1e-3, atol=a, rtol=0.0)
+
+    methods = {  # family -> (method factory taking atol, chain: the split solved)
+        f"DDIM-{steps}, sliding window W={cfg['window']}": (
+            lambda a: fp.SlidingWindow(cfg["window"], atol=a, rtol=0.0),
+            chain,
         ),
-        f"DDIM-{steps}, ParaTAA (m=2)": lambda a: fp.TriangularAnderson(
-            memory=2, ridge=1e-3, atol=a, rtol=0.0
-        ),
+        f"DDIM-{steps}, ParaTAA (m=2)": (taa, chain),
+        f"DDIM-{steps}, ParaTAA (m=2), clean split": (taa, clean),
     }
-    for family, make in methods.items():
+    for family, (make, solved) in methods.items():
         for atol in cfg["parallel_tols"]:
 
-            def solve(x, labels, make=make, atol=atol):
-                fmap = fd.PicardMap(chain, den, x, labels=labels, guidance=g)
+            def solve(x, labels, make=make, atol=atol, solved=solved):
+                fmap = fd.PicardMap(solved, den, x, labels=labels, guidance=g)
                 return fd.solve_chain(fmap, make(atol))
 
             pts.add(
