@@ -570,14 +570,15 @@ def latency_without_table(mode: Mode, ps: list[str]) -> str:
     for p in mode.models:
         a = None if p in ps else load(mode, "auto_strategy", p)
         if a is not None:
-            part = latency_part(a, TARGETS.get(p))
-            parts.append(part.replace("### ", f"### {p} (T = {a['seq_len']}): ", 1))
+            parts.append(latency_part(a, TARGETS.get(p), f"{p} (T = {a['seq_len']}): "))
     return "\n\n".join(parts) or "No such model."
 
 
-def latency_part(a: dict | None, target: float | None) -> str:
+def latency_part(a: dict | None, target: float | None, heading_prefix: str = "") -> str:
     """The latency objective on its own evaluation batch, with damped Newton on the
-    slowest block (``python -m studies.auto_strategy --name MODEL --newton-samples N``)."""
+    slowest block (``python -m studies.auto_strategy --name MODEL --newton-samples N``),
+    under a heading that starts with ``heading_prefix`` (the model, where the section
+    does not already name it)."""
     if a is None:
         return ""
     head = ["strategy", "samples", "dependent steps", "step reduction", "token evals",
@@ -606,8 +607,8 @@ def latency_part(a: dict | None, target: float | None) -> str:
             "are taken, k x d directions instead of (T - 1) x d: an approximate Jacobian, "
             "so more iterations, never another fixed point)."
             f"{verdict}")
-    return _section("Latency objective and damped Newton (`python -m studies.auto_strategy`)",
-                    text, table(head, rows))
+    return _section(f"{heading_prefix}Latency objective and damped Newton "
+                    "(`python -m studies.auto_strategy`)", text, table(head, rows))
 
 
 def read_values_file(path: Path) -> dict[str, Any]:
