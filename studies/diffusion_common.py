@@ -22,16 +22,20 @@ GUIDANCE = 2.0
 
 
 def parse_args(doc: str, argv: list[str] | None = None,
-               samplers: tuple[str, ...] = ()) -> argparse.Namespace:
+               samplers: tuple[str, ...] = (), revalue: bool = False) -> argparse.Namespace:
     """``--mode`` and ``--models`` (the trained models to study; default: every one
-    available, see :func:`model_names`), and ``--samplers`` when the study offers a
-    choice (``samplers``); fixes torch to one thread."""
+    available, see :func:`model_names`), ``--samplers`` when the study offers a choice
+    (``samplers``), ``--revalue`` when it can recompute its section values from its JSON;
+    fixes torch to one thread."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--mode", choices=MODES, default="fast")
     parser.add_argument("--models", nargs="+", choices=("digits", "mnist"), default=None)
     if samplers:
         parser.add_argument("--samplers", nargs="+", choices=samplers, default=list(samplers),
                             help="study only these samplers (default: all)")
+    if revalue:
+        parser.add_argument("--revalue", action="store_true",
+                            help="only recompute the section values of the existing JSON files")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     args.mode = MODES[args.mode]

@@ -9,7 +9,8 @@ against the test images for the sequential sampler, a second sequential run with
 seeds (the metric's own noise) and the fastest method within the deviation budget.
 Writes ``diffusion_paradigms-<model>.json``.
 
-    python -m studies.diffusion_paradigms --mode fast|full
+    python -m studies.diffusion_paradigms --mode fast|full [--models ...] [--samplers ...]
+    python -m studies.diffusion_paradigms --mode full --revalue   # section values only
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from fixedpoint.diffusion import (
 )
 from fixedpoint.diffusion.diagnostics import network_call_seconds
 
-from .common import read_json, write_json
+from .common import provenance, read_json, write_json
 from .diffusion_common import (
     GUIDANCE,
     final_error,
@@ -385,10 +386,23 @@ def keep_other_samplers(path, model, samplers: list[dict]) -> list[dict]:
     return sorted(merged, key=lambda e: order.get(e["sampler"], 2))
 
 
+def revalue(mode, name: str) -> dict:
+    """Recompute the section values of an existing result file (no sampling), e.g.
+    after the section template gained a value; the measured rows stay as they are."""
+    path = out_path(mode, f"diffusion_paradigms-{name}.json")
+    payload = read_json(path)  # its provenance (the measuring run) is kept
+    payload["section_values"] = section_values(payload)
+    payload["revalued"] = provenance(0)
+    write_json(path, payload, seed=0)
+    return payload
+
+
 def run(argv: list[str] | None = None, models: tuple[str, ...] | None = None) -> dict:
-    args = parse_args(__doc__, argv, samplers=("ddim", "ddpm"))
+    args = parse_args(__doc__, argv, samplers=("ddim", "ddpm"), revalue=True)
     mode = args.mode
     results = {}
+    if args.revalue:
+        return {name: revalue(mode, name) for name in args.models or model_names(mode)}
     for name in models or args.models or model_names(mode):
         cfg = settings(mode, name)
         cfg["samplers"] = tuple(
