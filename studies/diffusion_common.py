@@ -33,7 +33,10 @@ def parse_args(doc: str, argv: list[str] | None = None,
     if samplers:
         parser.add_argument("--samplers", nargs="+", choices=samplers, default=list(samplers),
                             help="study only these samplers (default: all)")
-    if revalue:
+    if revalue:  # the studies that can revalue are the ones with a table of named methods
+        parser.add_argument("--methods", nargs="+", default=None, metavar="TEXT",
+                            help="study only the methods whose name contains one of these "
+                            "(case-insensitive; default: all)")
         parser.add_argument("--revalue", action="store_true",
                             help="only recompute the section values of the existing JSON files")
     args = parser.parse_args(argv)

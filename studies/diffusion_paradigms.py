@@ -190,7 +190,13 @@ def study_sampler(model, chain, window, cfg) -> dict:
         }
     ]
     split_chains = {s: type(chain).from_schedule(model.schedule, len(chain), s) for s in Split}
-    for name, (tols, make, split) in candidates(chain, window, cfg["full_window_limit"]).items():
+    chosen_methods = candidates(chain, window, cfg["full_window_limit"])
+    if cfg.get("methods"):
+        wanted = [w.lower() for w in cfg["methods"]]
+        chosen_methods = {
+            k: v for k, v in chosen_methods.items() if any(w in k.lower() for w in wanted)
+        }
+    for name, (tols, make, split) in chosen_methods.items():
         print(f"[paradigms] {chain.name}-{len(chain)}: {name}", flush=True)
         chain = split_chains[split]
         chosen = None
@@ -405,6 +411,7 @@ def run(argv: list[str] | None = None, models: tuple[str, ...] | None = None) ->
         return {name: revalue(mode, name) for name in args.models or model_names(mode)}
     for name in models or args.models or model_names(mode):
         cfg = settings(mode, name)
+        cfg["methods"] = args.methods
         cfg["samplers"] = tuple(
             s
             for s in cfg["samplers"]
