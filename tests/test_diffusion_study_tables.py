@@ -103,3 +103,15 @@ def test_the_five_nfe_target_compares_each_family_at_its_best():
     assert "by deviation, AMED-Plugin (uniform) 0.25 against DPM-Solver++(3M) 0.13" in text
     assert text.endswith("does not beat both")
     assert best_configuration(rows[:2], noise=2.0) == "not measured"
+
+
+def test_the_mnist_note_follows_the_results_on_disk(tmp_path, monkeypatch):
+    from studies import fewstep_frontier
+
+    mode = SimpleNamespace(out_dir=tmp_path)
+    monkeypatch.setattr(fewstep_frontier, "model_names", lambda mode: ("digits",))
+    assert "No trained MNIST model" in fewstep_frontier.mnist_note(mode)
+    monkeypatch.setattr(fewstep_frontier, "model_names", lambda mode: ("digits", "mnist"))
+    assert "no run has measured it" in fewstep_frontier.mnist_note(mode)
+    (tmp_path / "fewstep_frontier-mnist.json").write_text("{}")
+    assert "fewstep_frontier-mnist.json" in fewstep_frontier.mnist_note(mode)
