@@ -46,7 +46,9 @@ from .diffusion_common import (
 BUDGET = 1e-3  # max deviation of a sample from the sequential one (data in [-1, 1])
 # The issue's targets (for DDIM-100 and DDPM-1000 on MNIST): fewer dependent evaluations.
 TARGET_DDIM, TARGET_DDPM = 15.0, 25.0
-TOLERANCES = (1e-2, 3e-3, 1e-3, 3e-4, 1e-4)
+# 5e-4 between 1e-3 and 3e-4: on the MNIST DDPM-1000 chain the window-400 ParaTAA misses the
+# budget at 1e-3 (1.1e-3) and meets it at 5e-4 with 4 fewer dependent calls than at 3e-4.
+TOLERANCES = (1e-2, 3e-3, 1e-3, 5e-4, 3e-4, 1e-4)
 
 
 def settings(mode, name: str = "digits") -> dict:
@@ -56,7 +58,10 @@ def settings(mode, name: str = "digits") -> dict:
     # its larger batch is 4: at 8 the DDPM-1000 rows alone took most of an hour.
     if mode.name == "full":
         return dict(
-            samplers=((DDIMChain, 100, 20), (DDPMChain, 1000, 80)),
+            # (chain, steps, ParaDiGMS's window, ParaTAA's window).  ParaTAA's DDPM-1000
+            # window, measured on the MNIST chain (clean split, m = 3, atol 5e-4, seed 0):
+            # W = 160 41 dependent calls, 250 33, 400 28 (total rows 12.3k, 13.7k, 16.0k).
+            samplers=((DDIMChain, 100, 20, 40), (DDPMChain, 1000, 80, 400)),
             seeds=2,
             big_batch=4 if name == "mnist" else 8,
             fcd_samples={"ddim": 128, "ddpm": 32},
@@ -65,7 +70,7 @@ def settings(mode, name: str = "digits") -> dict:
             guidance=GUIDANCE,
         )
     return dict(
-        samplers=((DDIMChain, 20, 8), (DDPMChain, 100, 16)),
+        samplers=((DDIMChain, 20, 8, 16), (DDPMChain, 100, 16, 32)),
         seeds=2,
         big_batch=4,
         fcd_samples={"ddim": 32, "ddpm": 16},
@@ -84,7 +89,7 @@ def draw(model, chain, batch: int, seed: int):
     return x, noise, labels
 
 
-def candidates(chain, window: int, limit: int) -> dict:
+def candidates(chain, window: int, taa_window: int, limit: int) -> dict:
     """name -> (tolerances, method factory taking atol, split of the Picard form).
 
     Tolerances ``None``: the method has its own rule.  Every method runs on the noise
@@ -94,11 +99,12 @@ def candidates(chain, window: int, limit: int) -> dict:
     n = len(chain)
     tau = paradigms_tolerance(chain, 0.1)
     noise, clean = Split.NOISE, Split.CLEAN
-    taa_window = min(n, 2 * window)
+    taa_window = min(n, taa_window)
 
     def window_taa(a):
-        # ParaTAA on a sliding window twice ParaDiGMS's (measured on the digits DDPM-1000
-        # chain: W = 160, m = 3 needs about 30% fewer dependent calls than W = 80, m = 2).
+        # ParaTAA on its own sliding window, wider than ParaDiGMS's (settings()); m = 3
+        # (on the digits DDPM-1000 chain W = 160, m = 3 needed about 30% fewer dependent
+        # calls than W = 80, m = 2; on MNIST m = 4 gained nothing over m = 3).
         return fp.TriangularAnderson(
             memory=3, ridge=1e-3, atol=a, rtol=0.0, window_width=taa_window
         )
@@ -172,7 +178,7 @@ def sequential(model, chain, batch, seed, cfg):
     return traj, time.perf_counter() - start
 
 
-def study_sampler(model, chain, window, cfg) -> dict:
+def study_sampler(model, chain, window, taa_window, cfg) -> dict:
     seeds = range(cfg["seeds"])
     ref = {s: sequential(model, chain, 1, s, cfg) for s in seeds}
     seq_time1 = sorted(t for _, t in ref.values())[len(ref) // 2]
@@ -190,7 +196,7 @@ def study_sampler(model, chain, window, cfg) -> dict:
         }
     ]
     split_chains = {s: type(chain).from_schedule(model.schedule, len(chain), s) for s in Split}
-    chosen_methods = candidates(chain, window, cfg["full_window_limit"])
+    chosen_methods = candidates(chain, window, taa_window, cfg["full_window_limit"])
     if cfg.get("methods"):
         wanted = [w.lower() for w in cfg["methods"]]
         chosen_methods = {
@@ -237,7 +243,13 @@ def study_sampler(model, chain, window, cfg) -> dict:
         r["speedup_b1"] = rows[0]["seconds_b1"] / r["seconds_b1"]
         r["speedup_big"] = rows[0]["seconds_big"] / r["seconds_big"]
         r["meets_budget"] = r["deviation"] <= BUDGET
-    return {"sampler": chain.name, "steps": len(chain), "window": window, "rows": rows}
+    return {
+        "sampler": chain.name,
+        "steps": len(chain),
+        "window": window,
+        "taa_window": taa_window,
+        "rows": rows,
+    }
 
 
 def fcd(model, chain, method, cfg, meter, seed0: int) -> tuple[float, float]:
@@ -422,9 +434,9 @@ def run(argv: list[str] | None = None, models: tuple[str, ...] | None = None) ->
         den = model.denoiser()
         scaling = {str(r): network_call_seconds(den, r) for r in (1, 4, 16, 64, 256, 1024)}
         samplers = []
-        for chain_type, steps, window in cfg["samplers"]:
+        for chain_type, steps, window, taa_window in cfg["samplers"]:
             chain = chain_type.from_schedule(model.schedule, steps)
-            entry = study_sampler(model, chain, window, cfg)
+            entry = study_sampler(model, chain, window, taa_window, cfg)
             within = [r for r in entry["rows"][1:] if r["meets_budget"]]
             best = min(within, key=lambda r: r["dependent_evals"]) if within else None
             q = {
@@ -432,7 +444,9 @@ def run(argv: list[str] | None = None, models: tuple[str, ...] | None = None) ->
                 "sequential (other seeds)": fcd(model, chain, None, cfg, meter, 5000),
             }
             if best is not None:
-                _, make, split = candidates(chain, window, cfg["full_window_limit"])[best["method"]]
+                _, make, split = candidates(
+                    chain, window, taa_window, cfg["full_window_limit"]
+                )[best["method"]]
                 solved = chain_type.from_schedule(model.schedule, steps, split)
                 q[best["method"]] = fcd(model, solved, make(best["atol"]), cfg, meter, 1000)
             entry["fcd"] = {k: {"fcd": v[0], "accuracy": v[1]} for k, v in q.items()}
@@ -449,7 +463,7 @@ def run(argv: list[str] | None = None, models: tuple[str, ...] | None = None) ->
             "network_call_seconds": scaling,
             "samplers": samplers,
             "settings": {
-                k: (v if k != "samplers" else [(c.__name__, n, w) for c, n, w in v])
+                k: (v if k != "samplers" else [(c.__name__, *rest) for c, *rest in v])
                 for k, v in cfg.items()
             },
             "regime": "CPU, 1 torch thread, float32, machine shared with other jobs",
