@@ -205,23 +205,23 @@ def study_sampler(model, chain, window, taa_window, cfg) -> dict:
     for name, (tols, make, split) in chosen_methods.items():
         print(f"[paradigms] {chain.name}-{len(chain)}: {name}", flush=True)
         chain = split_chains[split]
-        chosen = None
+        # The loosest tolerance whose deviation is within the budget on every seed: one
+        # seed alone chose W=400 at 5e-4 on MNIST DDPM-1000, which seed 1 then broke.
         for atol in tols or (None,):
-            out, _ = solve_once(model, chain, make(atol), 1, 0, cfg)
-            if final_error(out.result.x, ref[0][0]) <= BUDGET or tols is None:
+            method = make(atol)
+            devs, times, its, calls, rows_ = [], [], [], [], []
+            for s in seeds:
+                out, sec = solve_once(model, chain, method, 1, s, cfg)
+                devs.append(final_error(out.result.x, ref[s][0]))
+                times.append(sec)
+                its.append(out.result.iterations)
+                calls.append(out.network.calls)
+                rows_.append(out.network.rows)
+                if devs[-1] > BUDGET and tols is not None and atol != tols[-1]:
+                    break
+            if max(devs) <= BUDGET or tols is None or atol == tols[-1]:
                 chosen = atol
                 break
-        if chosen is None and tols is not None:
-            chosen = tols[-1]
-        method = make(chosen)
-        devs, times, its, calls, rows_ = [], [], [], [], []
-        for s in seeds:
-            out, sec = solve_once(model, chain, method, 1, s, cfg)
-            devs.append(final_error(out.result.x, ref[s][0]))
-            times.append(sec)
-            its.append(out.result.iterations)
-            calls.append(out.network.calls)
-            rows_.append(out.network.rows)
         big, sec_big = solve_once(model, chain, method, cfg["big_batch"], 100, cfg)
         rows.append(
             {

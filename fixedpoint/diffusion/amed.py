@@ -46,12 +46,12 @@ atomically (:mod:`fixedpoint.atomic`) with a fingerprint of the model's weights 
 scheduler; :func:`load_amed` refuses a predictor trained for another model.
 
 What is left out: the authors' optional second scale (on the time fed to the network at
-``s_mid``; off, ``scale_time=0``, in their recommended training flags, which also take the
-teacher's ``M = 1``, this module's default ``teacher_extra``); in the DPM-Solver++ plugin, their dynamic thresholding of ``D`` (a clip at
-the 0.995 quantile, off in diffusers by default and in this project's DPM-Solver++
-baseline), their noise-prediction variant (``predict_x0=False``, which their latent-model
-runs use) and their DPM-Solver++ teacher: every AMED predictor here is distilled from
-the same Heun teacher.
+``s_mid``; off, ``scale_time=0``, in their recommended training flags, which also take
+the teacher's ``M = 1``, this module's default ``teacher_extra``); in the DPM-Solver++
+plugin, their dynamic thresholding of ``D`` (a clip at the 0.995 quantile, off in
+diffusers by default and in this project's DPM-Solver++ baseline), their noise-
+prediction variant (``predict_x0=False``, which their latent-model runs use) and their
+DPM-Solver++ teacher: every AMED predictor here is distilled from the same Heun teacher.
 """
 
 from __future__ import annotations
