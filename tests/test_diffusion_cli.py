@@ -197,3 +197,13 @@ def test_window_anderson_solves_on_the_window(model_dirs, tmp_path, capsys):
     calls = int(line.split(" dependent network calls")[0].split()[-1])
     rows = int(line.split(" network rows per sample")[0].split()[-1])
     assert calls <= 12 and rows <= calls * (5 + 1)
+
+
+def test_train_names_the_loss_of_a_flow_model(tmp_path, capsys):
+    code = main(
+        ["diffusion", "train", "--preset", "flow-digits", "--steps", "2", "--out-dir",
+         str(tmp_path / "flow"), "--quiet"]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "test loss (velocity MSE)" in out

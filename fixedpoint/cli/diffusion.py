@@ -89,7 +89,7 @@ def register(subparsers: Any) -> None:
     )
     sub = group.add_subparsers(dest="diffusion_command", required=True, metavar="COMMAND")
 
-    train = sub.add_parser("train", help="train a UNet (DDPM objective), report test loss")
+    train = sub.add_parser("train", help="train a UNet (DDPM or flow-matching objective), report test loss")
     train.add_argument("--preset", choices=PRESETS, default="digits")
     train.add_argument("--steps", type=positive_int, default=None)
     train.add_argument("--out-dir", default=None, help="default: the preset's")
@@ -211,7 +211,7 @@ def _train(args: argparse.Namespace) -> int:
     import dataclasses
 
     from fixedpoint.data import DatasetError
-    from fixedpoint.diffusion.train import PRESETS, TrainError, train
+    from fixedpoint.diffusion.train import PRESETS, Objective, TrainError, train
 
     cfg = PRESETS[args.preset]
     cfg = dataclasses.replace(
@@ -224,8 +224,9 @@ def _train(args: argparse.Namespace) -> int:
     note(args, f"training a diffusion UNet on {cfg.dataset} into {cfg.out_dir}")
     with user_errors(TrainError, DatasetError):
         out = train(cfg, progress=not args.quiet)
+    target = "velocity" if cfg.objective is Objective.VELOCITY else "noise"
     print(
-        f"test loss (noise MSE): {out.test_loss:.4f} ({out.steps} steps, "
+        f"test loss ({target} MSE): {out.test_loss:.4f} ({out.steps} steps, "
         f"{out.parameters:,} parameters, {out.train_time / 60:.1f} min); model {out.model_dir}"
     )
     return 0
