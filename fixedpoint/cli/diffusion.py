@@ -89,7 +89,9 @@ def register(subparsers: Any) -> None:
     )
     sub = group.add_subparsers(dest="diffusion_command", required=True, metavar="COMMAND")
 
-    train = sub.add_parser("train", help="train a UNet (DDPM or flow-matching objective), report test loss")
+    train = sub.add_parser(
+        "train", help="train a UNet (DDPM or flow-matching objective), report test loss"
+    )
     train.add_argument("--preset", choices=PRESETS, default="digits")
     train.add_argument("--steps", type=positive_int, default=None)
     train.add_argument("--out-dir", default=None, help="default: the preset's")
