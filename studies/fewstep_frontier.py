@@ -266,6 +266,27 @@ def grid_ablation(pts: Points) -> list[dict]:
     return rows
 
 
+def trained_amed(model, cfg: dict, name: str, kind: str, nfe: int, grid_name: str,
+                 fingerprint: str | None = None):
+    """The study's AMED predictor of ``kind`` for ``nfe`` on grid ``grid_name``: loaded from
+    the cache when one was distilled with the same settings, else distilled now.  Returns
+    ``(sampler, training report)``."""
+    fingerprint = fingerprint or amed.model_fingerprint(model)
+    tc = amed.AMEDTrainConfig(
+        kind=kind,
+        nfe=nfe,
+        grid=fewstep.GRIDS[grid_name](),
+        samples=cfg["amed_samples"],
+        epochs=cfg["amed_epochs"],
+        batch_size=cfg["amed_batch"],
+        guidance=guidance_for(model),  # the teacher is guided as the student samples
+        seed=1,  # the distillation pool is not the evaluation noise (seed 12345)
+    )
+    path = CACHE / f"amed-{name}-{kind}-{nfe}-{key(fingerprint, tc.__dict__, str(tc.grid))}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return amed.train_amed(model, tc, path, progress=False)
+
+
 def amed_points(pts: Points, cfg: dict, name: str) -> list[dict]:
     reports = []
     fingerprint = amed.model_fingerprint(pts.model)
@@ -278,19 +299,7 @@ def amed_points(pts: Points, cfg: dict, name: str) -> list[dict]:
     for nfe, kind, grid_name in runs:
         grid = fewstep.GRIDS[grid_name]()
         family = f"{AMED_FAMILIES[kind]} ({grid_name})"
-        tc = amed.AMEDTrainConfig(
-            kind=kind,
-            nfe=nfe,
-            grid=grid,
-            samples=cfg["amed_samples"],
-            epochs=cfg["amed_epochs"],
-            batch_size=cfg["amed_batch"],
-            guidance=pts.guidance,  # the teacher is guided as the student samples
-            seed=1,  # the distillation pool is not the evaluation noise (seed 12345)
-        )
-        path = CACHE / f"amed-{name}-{kind}-{nfe}-{key(fingerprint, tc.__dict__, str(tc.grid))}.pt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        sampler, report = amed.train_amed(pts.model, tc, path, progress=False)
+        sampler, report = trained_amed(pts.model, cfg, name, kind, nfe, grid_name, fingerprint)
         reports.append({"kind": kind, "nfe": nfe, "grid": grid_name, **report})
         pts.sampler(family, sampler, f"NFE {nfe}", grid_name)
         # The untrained (neutral) predictor is the base solver: what learning adds.

@@ -115,3 +115,36 @@ def test_the_mnist_note_follows_the_results_on_disk(tmp_path, monkeypatch):
     assert "no run has measured it" in fewstep_frontier.mnist_note(mode)
     (tmp_path / "fewstep_frontier-mnist.json").write_text("{}")
     assert "fewstep_frontier-mnist.json" in fewstep_frontier.mnist_note(mode)
+
+
+def _fcd5_row(family, a, b):
+    sets = [{"seed": 1, "fcd": a, "accuracy": 0.9}, {"seed": 2, "fcd": b, "accuracy": 0.8}]
+    return {"family": family, "sets": sets, "fcd_mean": (a + b) / 2, "fcd_spread": abs(a - b)}
+
+
+def test_the_many_sample_fcd_target_needs_amed_ahead_on_both_noise_sets():
+    from studies.fewstep_fcd5 import section_values, verdict
+
+    rows = [
+        _fcd5_row("DDIM", 20.0, 21.0),
+        _fcd5_row("DPM-Solver++(2M)", 12.0, 15.0),
+        _fcd5_row("DPM-Solver++(3M)", 13.0, 13.5),
+        _fcd5_row("AMED-Plugin on DPM-Solver++(2M) (uniform)", 12.5, 12.0),
+        _fcd5_row("AMED-Plugin on DPM-Solver++(2M) (uniform), neutral r, c", 1.0, 1.0),
+    ]
+    v = verdict(rows)
+    # The neutral predictor is not AMED; the best DPM-Solver++ by mean is the 3M one, which
+    # the plugin beats on both sets; DDIM too.
+    assert v == {
+        "amed": "AMED-Plugin on DPM-Solver++(2M) (uniform)",
+        "against": {"DPM-Solver++(3M)": True, "DDIM": True},
+        "holds": True,
+    }
+    # Ahead on the mean but behind on one set: the target does not hold.
+    rows[2] = _fcd5_row("DPM-Solver++(3M)", 12.0, 13.5)
+    v = verdict(rows)
+    assert v["against"] == {"DPM-Solver++(3M)": False, "DDIM": True} and not v["holds"]
+    text = section_values(
+        {"model": "toy", "rows": rows, "verdict": v, "samples": 8, "regime": "CPU"}
+    )["fs5_toy_verdict"]
+    assert text.endswith("but not than DPM-Solver++(3M) on both: the target does not hold by FCD")
