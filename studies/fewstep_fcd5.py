@@ -55,8 +55,6 @@ def settings(mode) -> dict:
 
 def samplers(model, cfg: dict, name: str) -> dict:
     """family -> a sampler with ``.sample(denoiser, x, labels, guidance)``."""
-    from fixedpoint.diffusion import amed
-
     out = {
         family: fewstep.make_sampler(kind, model, NFE, fewstep.GRIDS["uniform"]())
         for family, kind in BASELINES
@@ -65,13 +63,7 @@ def samplers(model, cfg: dict, name: str) -> dict:
         sampler, _ = frontier.trained_amed(model, cfg, name, kind, NFE, grid)
         out[family] = sampler
         if kind == "amed-plugin-dpmpp":
-            neutral = amed.KINDS[kind](
-                model.schedule,
-                sampler.steps,
-                amed.AMEDPredictor(amed.bottleneck_features(model.unet)),
-                fewstep.GRIDS[grid](),
-                afs=sampler.afs,
-            )
+            neutral = frontier.neutral_amed(model, sampler, kind, fewstep.GRIDS[grid]())
             out[f"{family}, neutral r, c"] = neutral
     return out
 

@@ -287,6 +287,15 @@ def trained_amed(model, cfg: dict, name: str, kind: str, nfe: int, grid_name: st
     return amed.train_amed(model, tc, path, progress=False)
 
 
+def neutral_amed(model, sampler, kind: str, grid):
+    """The untrained (neutral) counterpart of AMED ``sampler``, i.e. its base solver on the
+    same grid and steps: what learning adds is the difference between the two."""
+    if kind == "amed":
+        return fewstep.Midpoint(model.schedule, sampler.steps, grid, afs=sampler.afs)
+    predictor = amed.AMEDPredictor(amed.bottleneck_features(model.unet))
+    return amed.KINDS[kind](model.schedule, sampler.steps, predictor, grid, afs=sampler.afs)
+
+
 def amed_points(pts: Points, cfg: dict, name: str) -> list[dict]:
     reports = []
     fingerprint = amed.model_fingerprint(pts.model)
@@ -302,18 +311,7 @@ def amed_points(pts: Points, cfg: dict, name: str) -> list[dict]:
         sampler, report = trained_amed(pts.model, cfg, name, kind, nfe, grid_name, fingerprint)
         reports.append({"kind": kind, "nfe": nfe, "grid": grid_name, **report})
         pts.sampler(family, sampler, f"NFE {nfe}", grid_name)
-        # The untrained (neutral) predictor is the base solver: what learning adds.
-        base = (
-            fewstep.Midpoint(pts.model.schedule, sampler.steps, grid, afs=sampler.afs)
-            if kind == "amed"
-            else amed.KINDS[kind](
-                pts.model.schedule,
-                sampler.steps,
-                amed.AMEDPredictor(amed.bottleneck_features(pts.model.unet)),
-                grid,
-                afs=sampler.afs,
-            )
-        )
+        base = neutral_amed(pts.model, sampler, kind, grid)
         pts.sampler(f"{family}, neutral r, c", base, f"NFE {nfe}", grid_name)
     return reports
 
